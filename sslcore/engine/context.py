@@ -1,0 +1,75 @@
+"""What the engine tells methods and evaluators about the run they are part of."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from sslcore.registry import Registry
+
+
+@dataclass
+class MethodContext:
+    """Passed to a method's factory (``context=``) and to ``on_epoch_start``."""
+
+    world_size: int
+    rank: int
+    global_batch_size: int
+    steps_per_epoch: int
+    epochs: int
+    device: torch.device
+    run_dir: Path | None = None
+    registry: Registry | None = None
+    eval_context: EvalContext | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+@dataclass
+class EvalContext:
+    """Passed to ``evaluator.evaluate``: builds evaluation data with the run's eval transform."""
+
+    registry: Registry
+    eval_transform: Callable[[np.ndarray], torch.Tensor]
+    train_data: dict[str, Any]
+    device: torch.device
+    batch_size: int
+    num_workers: int
+    epoch: int = 0
+    channels_last: bool = False
+    autocast_dtype: torch.dtype | None = None
+
+    def dataset(self, block: dict[str, Any] | None = None) -> torch.utils.data.Dataset:
+        """The dataset of ``block`` (the training data when None), items ``(tensor, label)``."""
+        from sslcore.data import EvalDataset, build_dataset
+
+        return EvalDataset(build_dataset(self.registry, block or self.train_data), self.eval_transform)
+
+    def loader(self, block: dict[str, Any] | None = None) -> DataLoader:
+        """A sequential DataLoader over :meth:`dataset`, batches ``(images N x 3 x S x S, labels N)``."""
+        return DataLoader(self.dataset(block), batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, persistent_workers=False)
+
+    @torch.no_grad()
+    def features(self, backbone: torch.nn.Module, block: dict[str, Any] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features (float32, on the CPU) and labels of every item of ``block``'s dataset."""
+        features, labels = [], []
+        for images, targets in self.loader(block):
+            images = images.to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                out = backbone(images)
+            features.append(out.float().cpu())
+            labels.append(targets)
+        return torch.cat(features), torch.cat(labels)

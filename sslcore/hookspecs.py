@@ -1,0 +1,137 @@
+"""The hook specifications of sslcore: the whole plugin API on one page.
+
+A plugin is a module with functions decorated by :data:`sslcore.hookimpl` whose names are the hooks
+below. Each hook receives ``register``, a callback owned by sslcore::
+
+    register(name: str, factory: Callable, config: type[pydantic.BaseModel] | None = None, **extra)
+
+``name`` is what a user writes in the experiment file (``loss: {name: info_nce}``), ``factory`` builds
+the component, and ``config`` is the pydantic model its parameters are validated against (``extra="forbid"``
+is applied by sslcore when the model does not set it). The validated model instance is passed to the
+factory as its first argument. sslcore records which distribution registered each name and refuses a
+second registration of the same name of the same kind, naming both distributions.
+
+Built-in components are registered through these same hooks (see ``sslcore/components``).
+Plugins are ordinary Python code, imported and run with the user's rights: install only plugins you trust.
+
+Hooks run once, when the registry loads; the training step never goes through pluggy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("sslcore")
+
+Register = Callable[..., None]
+
+
+@hookspec
+def register_augmentations(register: Register) -> None:
+    """Register augmentation recipes (the ``augmentation`` block).
+
+    ``factory(config) -> augmentation``, an object with:
+
+    - ``num_views: int`` — how many views ``views`` returns;
+    - ``views(image: np.ndarray) -> list[torch.Tensor]`` — ``image`` is H x W x 3 uint8 (RGB); each view is
+      a float tensor 3 x S x S, normalized;
+    - ``eval(image: np.ndarray) -> torch.Tensor`` — the deterministic transform used by evaluators
+      (resize, center crop, normalize);
+    - ``set_seed(seed: int) -> None`` — reseed the recipe's random generator (called per DataLoader worker
+      and per epoch, so that runs and resumes are reproducible).
+    """
+
+
+@hookspec
+def register_encoders(register: Register) -> None:
+    """Register backbone encoders (the ``encoder`` block).
+
+    ``factory(config) -> torch.nn.Module`` whose ``forward(x: N x 3 x H x W) -> N x feature_dim`` returns
+    pooled features, with an ``int`` attribute ``feature_dim`` that methods use to size their heads.
+    ``sslcore export`` writes the encoder's ``state_dict()``; the docstring of the encoder should say which
+    plain model it loads into.
+    """
+
+
+@hookspec
+def register_negative_sources(register: Register) -> None:
+    """Register sources of negatives for contrastive losses (the ``negatives`` block).
+
+    ``factory(config, *, dim: int, global_batch_size: int) -> torch.nn.Module`` with:
+
+    - ``negatives(q: N x D, k: N x D) -> (negatives: K x D, exclude: N x K bool | None)`` — the negatives
+      for this step; ``exclude[i, j]`` is True where negative ``j`` must not count for query ``i``
+      (its own positive, for in-batch negatives);
+    - ``update(k: N x D) -> None`` — called after the loss with this worker's keys (detached); the source
+      gathers them across workers itself (``sslcore.distributed``) so every worker holds the same state.
+
+    State that must survive a resume (a queue, a memory bank) lives in buffers, so it is checkpointed
+    with the method. Raise ``ValueError`` from the factory for a configuration that cannot work with this
+    batch size; sslcore reports it as a config error on the ``negatives`` block.
+    """
+
+
+@hookspec
+def register_clusterings(register: Register) -> None:
+    """Register clustering algorithms (the ``clustering`` block), used by methods such as PCL.
+
+    ``factory(config) -> clustering`` with ``fit(features: N x D tensor) -> object``; the result type is
+    agreed between the clustering and the method that uses it (assignments, centroids, distances).
+    """
+
+
+@hookspec
+def register_losses(register: Register) -> None:
+    """Register losses (the ``loss`` block).
+
+    ``factory(config) -> torch.nn.Module`` returning a scalar tensor. The call signature is the one the
+    method using the loss documents; contrastive methods such as MoCo call
+    ``loss(q: N x D, k: N x D, negatives: K x D, exclude: N x K bool | None)``.
+    """
+
+
+@hookspec
+def register_evaluators(register: Register) -> None:
+    """Register evaluators (the ``evaluators`` list).
+
+    ``factory(config) -> evaluator`` with ``every_epochs: int`` (0: only at the end of training) and
+    ``evaluate(backbone: torch.nn.Module, context: sslcore.engine.EvalContext) -> dict[str, float]``.
+    Evaluators run on rank 0 between epochs with the backbone in eval mode; the context builds datasets
+    with the run's eval transform and knows the device, batch size and DataLoader workers.
+    """
+
+
+@hookspec
+def register_datasets(register: Register) -> None:
+    """Register datasets (the ``data`` block, and the ``data`` of evaluators).
+
+    ``factory(config) -> torch.utils.data.Dataset`` whose items are ``(image, label)``: ``image`` an
+    H x W x 3 uint8 numpy array (RGB; grayscale is converted), ``label`` an int, -1 when unlabeled.
+    The dataset exposes ``classes: list[str]`` (empty when unlabeled). Items that cannot be decoded are
+    logged and skipped by sslcore's loader, so a dataset may raise ``sslcore.data.UnreadableImage``.
+    """
+
+
+@hookspec
+def register_methods(register: Register) -> None:
+    """Register self-supervised methods (the ``method`` block).
+
+    ``register(name, factory, config=Model, slots={slot: default_block, ...})`` where ``slots`` names the
+    experiment blocks the method uses among ``encoder``, ``augmentation``, ``negatives``, ``loss`` and
+    ``clustering``, each with the block used when the experiment leaves it out (so ``method: moco`` alone
+    is a full experiment). A block given for a slot the method does not use is a config error.
+
+    ``factory(config, *, context, **components) -> torch.nn.Module`` receives the built components of its
+    slots as keyword arguments (``encoder=``, ``negatives=``, ``loss=``, ``clustering=``; the augmentation
+    is used by the data pipeline) and ``context`` (:class:`sslcore.engine.MethodContext`: world size,
+    global batch size, total steps). The module must provide:
+
+    - ``forward(views: list[Tensor]) -> dict[str, Tensor]`` — one training step's loss under ``"loss"``
+      and any scalar metrics; it is called through DDP when there are several workers;
+    - ``backbone: torch.nn.Module`` — the encoder that evaluators use and ``sslcore export`` writes.
+
+    Optional: ``on_epoch_start(epoch: int, context)`` for work between epochs (an E-step). Method state
+    that must survive a resume lives in buffers or submodules, so ``state_dict()`` holds it.
+    """

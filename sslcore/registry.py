@@ -1,0 +1,286 @@
+"""The plugin registry: finds plugins, calls their registration hooks, records where each name came from.
+
+Plugins come from three places, in this order:
+
+1. sslcore's built-in component modules (registered exactly like any plugin);
+2. the ``sslcore`` entry-point group of installed distributions, unless ``SSLCORE_DISABLE_PLUGIN_AUTOLOAD=1``;
+3. extra modules named by ``plugins: [...]`` in the experiment file or ``-p module`` on the command line.
+
+Each plugin is loaded on its own: one that fails to import or to register is recorded with its error
+and skipped, so unrelated commands keep working.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata
+import os
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import pluggy
+from pydantic import BaseModel, ConfigDict
+
+from sslcore import hookspecs
+from sslcore.errors import PluginError, UserError
+
+ENTRY_POINT_GROUP = "sslcore"
+DISABLE_AUTOLOAD_ENV = "SSLCORE_DISABLE_PLUGIN_AUTOLOAD"
+
+#: component kind -> registration hook
+KIND_HOOKS: dict[str, str] = {
+    "augmentation": "register_augmentations",
+    "encoder": "register_encoders",
+    "negative_source": "register_negative_sources",
+    "clustering": "register_clusterings",
+    "loss": "register_losses",
+    "evaluator": "register_evaluators",
+    "dataset": "register_datasets",
+    "method": "register_methods",
+}
+
+BUILTIN_MODULES = (
+    "sslcore.components.augmentations",
+    "sslcore.components.encoders",
+    "sslcore.components.negatives",
+    "sslcore.components.losses",
+    "sslcore.components.evaluators",
+    "sslcore.data.datasets",
+)
+
+SLOT_KINDS = {"encoder": "encoder", "augmentation": "augmentation", "negatives": "negative_source",
+              "loss": "loss", "clustering": "clustering"}
+
+
+class _NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One registered component: what a ``{name: ...}`` block in the experiment file refers to."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    config: type[BaseModel]
+    plugin: str
+    distribution: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, params: BaseModel | dict[str, Any], **kwargs: Any) -> Any:
+        if not isinstance(params, BaseModel):
+            params = self.config.model_validate(params)
+        return self.factory(params, **kwargs)
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    distribution: str
+    version: str
+    source: str  # "builtin", "entry_point" or "module"
+    module: str
+    components: dict[str, list[str]] = field(default_factory=dict)
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        hooks = sorted(KIND_HOOKS[k] for k in self.components)
+        return {"name": self.name, "distribution": self.distribution, "version": self.version,
+                "source": self.source, "module": self.module, "hooks": hooks,
+                "components": self.components, "error": self.error}
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' — did you mean 'x'?' when a close match exists, else a list of the valid choices."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if close:
+        return f" — did you mean '{close[0]}'?"
+    return f" (choose from: {', '.join(choices)})" if choices else ""
+
+
+def _forbid_extra(model: type[BaseModel]) -> type[BaseModel]:
+    if model.model_config.get("extra") == "forbid":
+        return model
+    return type(model.__name__, (model,), {"model_config": ConfigDict(extra="forbid"),
+                                           "__module__": model.__module__})
+
+
+class Registry:
+    """All components known to this process, with their provenance."""
+
+    def __init__(self, autoload: bool | None = None, modules: Iterable[str] = ()) -> None:
+        self.pm = pluggy.PluginManager("sslcore")
+        self.pm.add_hookspecs(hookspecs)
+        self.components: dict[str, dict[str, Component]] = {kind: {} for kind in KIND_HOOKS}
+        self.plugins: list[PluginInfo] = []
+        self.clashes: list[str] = []
+        if autoload is None:
+            autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") not in ("1", "true", "yes")
+        self.autoload = autoload
+        for name in BUILTIN_MODULES:
+            self.add_module(name, source="builtin")
+        if autoload:
+            self.load_entry_points()
+        for name in modules:
+            self.add_module(name)
+
+    # -- loading -------------------------------------------------------------------------------------
+
+    def load_entry_points(self) -> None:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist else "unknown"
+            version = ep.dist.version if ep.dist else ""
+            if any(p.name == ep.name and p.distribution == dist for p in self.plugins):
+                continue  # the same distribution seen twice on sys.path
+            try:
+                obj = ep.load()
+            except Exception as exc:  # noqa: BLE001 — any import failure is the plugin's, not ours
+                self._record_failure(ep.name, dist, version, "entry_point", ep.value, exc)
+                continue
+            self.add_plugin(obj, name=ep.name, distribution=dist, version=version, source="entry_point")
+
+    def add_module(self, module_name: str, source: str = "module") -> PluginInfo:
+        """Load a module by its dotted name as a plugin (``-p``, ``plugins:`` and the built-ins)."""
+        for info in self.plugins:
+            if info.module == module_name:
+                return info
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # noqa: BLE001
+            return self._record_failure(module_name, module_name, "", source, module_name, exc)
+        dist, version = _distribution_of(module_name) if source != "builtin" else ("sslcore", _own_version())
+        return self.add_plugin(module, name=module_name, distribution=dist, version=version, source=source)
+
+    def add_plugin(self, plugin: ModuleType | object, name: str | None = None, distribution: str | None = None,
+                   version: str = "", source: str = "module") -> PluginInfo:
+        """Register a plugin object (a module or any object with hook implementations)."""
+        module = getattr(plugin, "__name__", type(plugin).__name__)
+        name = name or module
+        info = PluginInfo(name=name, distribution=distribution or name, version=version, source=source,
+                          module=module)
+        staged: list[Component] = []
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as exc:  # noqa: BLE001 — e.g. a hook implementation with a wrong signature
+            info.error = _one_line(exc)
+            self.plugins.append(info)
+            return info
+        others = [p for p in self.pm.get_plugins() if p is not plugin]
+        try:
+            for kind, hook_name in KIND_HOOKS.items():
+                caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+                caller(register=self._register_callback(kind, info, staged))
+            self._check_clashes(staged)
+        except Exception as exc:  # noqa: BLE001
+            self.pm.unregister(plugin)
+            info.error = _one_line(exc)
+            if isinstance(exc, PluginError):
+                self.clashes.append(str(exc))
+            self.plugins.append(info)
+            return info
+        for comp in staged:
+            self.components[comp.kind][comp.name] = comp
+            info.components.setdefault(comp.kind, []).append(comp.name)
+        self.plugins.append(info)
+        return info
+
+    def remove_plugin(self, name: str) -> None:
+        """Unregister a plugin and its components (tests use this in ``finally``)."""
+        plugin = self.pm.get_plugin(name)
+        if plugin is not None:
+            self.pm.unregister(plugin)
+        for kind in self.components.values():
+            for comp_name in [n for n, c in kind.items() if c.plugin == name]:
+                del kind[comp_name]
+        self.plugins = [p for p in self.plugins if p.name != name]
+
+    def _register_callback(self, kind: str, info: PluginInfo, staged: list[Component]) -> Callable[..., None]:
+        def register(name: str, factory: Callable[..., Any], config: type[BaseModel] | None = None,
+                     **extra: Any) -> None:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"{KIND_HOOKS[kind]}: name must be a non-empty string, got {name!r}")
+            if not callable(factory):
+                raise TypeError(f"{KIND_HOOKS[kind]}: factory for '{name}' is not callable")
+            if config is not None and not (isinstance(config, type) and issubclass(config, BaseModel)):
+                raise TypeError(f"{KIND_HOOKS[kind]}: config for '{name}' must be a pydantic model class")
+            if kind == "method":
+                slots = extra.get("slots", {})
+                unknown = set(slots) - set(SLOT_KINDS)
+                if unknown:
+                    raise TypeError(f"method '{name}' declares unknown slots {sorted(unknown)}; "
+                                    f"valid slots: {sorted(SLOT_KINDS)}")
+            staged.append(Component(kind=kind, name=name, factory=factory,
+                                    config=_forbid_extra(config or _NoParams), plugin=info.name,
+                                    distribution=info.distribution, extra=extra))
+        return register
+
+    def _check_clashes(self, staged: list[Component]) -> None:
+        seen: dict[tuple[str, str], Component] = {}
+        for comp in staged:
+            key = (comp.kind, comp.name)
+            existing = self.components[comp.kind].get(comp.name) or seen.get(key)
+            if existing is not None:
+                raise PluginError(
+                    f"{comp.kind} '{comp.name}' is registered by both '{existing.distribution}' "
+                    f"(plugin {existing.plugin}) and '{comp.distribution}' (plugin {comp.plugin}); "
+                    f"uninstall one of them or disable autoload with {DISABLE_AUTOLOAD_ENV}=1")
+            seen[key] = comp
+
+    def _record_failure(self, name: str, dist: str, version: str, source: str, module: str,
+                        exc: BaseException) -> PluginInfo:
+        info = PluginInfo(name=name, distribution=dist, version=version, source=source, module=module,
+                          error=_one_line(exc))
+        self.plugins.append(info)
+        return info
+
+    # -- lookup --------------------------------------------------------------------------------------
+
+    @property
+    def errors(self) -> list[str]:
+        return [f"plugin '{p.name}' from '{p.distribution}' failed to load: {p.error}"
+                for p in self.plugins if p.error]
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.components[kind])
+
+    def get(self, kind: str, name: str) -> Component:
+        try:
+            return self.components[kind][name]
+        except KeyError:
+            raise UserError(f"unknown {kind.replace('_', ' ')} '{name}'"
+                            f"{did_you_mean(name, self.components[kind])}") from None
+
+    def hook(self) -> pluggy.HookRelay:
+        return self.pm.hook
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]
+        text += f" ({os.path.basename(last.filename)}:{last.lineno})"
+    return text
+
+
+def _own_version() -> str:
+    from sslcore import __version__
+
+    return __version__
+
+
+def _distribution_of(module_name: str) -> tuple[str, str]:
+    top = module_name.split(".")[0]
+    dists = importlib.metadata.packages_distributions().get(top, [])
+    if dists:
+        try:
+            return dists[0], importlib.metadata.version(dists[0])
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return module_name, ""

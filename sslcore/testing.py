@@ -1,0 +1,89 @@
+"""pytest plugin for sslcore and for plugin authors: real CIFAR-10 images, a registry, a contract test.
+
+Installed with sslcore (entry point ``pytest11``), so a plugin's own tests can use the fixtures
+``cifar10_dir`` (the shared CIFAR-10 ImageFolder, unpacked once into a cache outside the repository),
+``cifar10_subset`` (a small fixed subset of it) and ``registry`` (a fresh registry without autoload, with
+only the built-in components), and call :func:`check_component` on each of their components.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ARCHIVE_NAME = "cifar10-jpg.tar.gz"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SSLCORE_CACHE", Path.home() / ".cache" / "sslcore")).expanduser()
+
+
+def find_cifar10_archive(start: Path | None = None) -> Path | None:
+    """The shared archive: ``$SSLCORE_CIFAR10_ARCHIVE``, else ``shared/data/`` beside an ancestor folder."""
+    env = os.environ.get("SSLCORE_CIFAR10_ARCHIVE")
+    if env:
+        return Path(env)
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        candidate = folder.parent / "shared" / "data" / ARCHIVE_NAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def unpack_cifar10(archive: Path, target: Path | None = None) -> Path:
+    """Unpack the shared CIFAR-10 ImageFolder archive once; returns the folder holding train/ and test/."""
+    target = target or cache_dir() / "cifar10"
+    done = target / ".unpacked"
+    if not done.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")
+        done.touch()
+    return target
+
+
+def make_subset(root: Path, target: Path, per_class: int) -> Path:
+    """An ImageFolder of the first ``per_class`` files of each class of ``root`` (sorted), as symlinks."""
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        out = target / class_dir.name
+        out.mkdir(parents=True, exist_ok=True)
+        for file in sorted(class_dir.iterdir())[:per_class]:
+            link = out / file.name
+            if not link.exists():
+                link.symlink_to(file)
+    return target
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    archive = find_cifar10_archive()
+    if archive is None:
+        pytest.fail(f"{ARCHIVE_NAME} not found: set SSLCORE_CIFAR10_ARCHIVE or run beside ../shared/data")
+    return unpack_cifar10(archive)
+
+
+@pytest.fixture(scope="session")
+def cifar10_subset(cifar10_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``{"train": 20 images per class, "test": 10 per class}`` of the real CIFAR-10 JPEGs."""
+    base = tmp_path_factory.mktemp("cifar10_subset")
+    return {"train": make_subset(cifar10_dir / "train", base / "train", 20),
+            "test": make_subset(cifar10_dir / "test", base / "test", 10)}
+
+
+@pytest.fixture
+def registry() -> Any:
+    from sslcore.registry import Registry
+
+    return Registry(autoload=False)
+
+
+def check_component(registry: Any, kind: str, name: str) -> None:
+    """The contract every registered component meets: builds from defaults and runs on tiny CPU tensors."""
+    from sslcore.contract import check
+
+    check(registry, kind, name)
