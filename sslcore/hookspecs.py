@@ -59,7 +59,8 @@ def register_encoders(register: Register) -> None:
 def register_negative_sources(register: Register) -> None:
     """Register sources of negatives for contrastive losses (the ``negatives`` block).
 
-    ``factory(config, *, dim: int, global_batch_size: int) -> torch.nn.Module`` with:
+    ``factory(config, *, dim: int, global_batch_size: int) -> torch.nn.Module`` with the following; ``dim``
+    is the ``dim`` parameter of the method (the size of the embeddings the loss compares, default 128):
 
     - ``negatives(q: N x D, k: N x D) -> (negatives: K x D, exclude: N x K bool | None)`` — the negatives
       for this step; ``exclude[i, j]`` is True where negative ``j`` must not count for query ``i``

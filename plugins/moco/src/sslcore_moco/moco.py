@@ -1,0 +1,211 @@
+"""MoCo: Momentum Contrast (He et al., CVPR 2020), with the v2 improvements (Chen et al., 2020).
+
+A query encoder f_q (backbone + projection head, parameters theta_q) maps one augmented view x^q of each
+image to an embedding q; a key encoder f_k with the same architecture maps another view x^k of the same
+image to its positive key k. Both are L2-normalized. f_k gets no gradient. Its parameters follow f_q's by
+the momentum update
+
+    theta_k <- m theta_k + (1 - m) theta_q
+
+so the keys in the queue of K negatives (the ``negatives`` slot) stay consistent from step to step. The
+loss (the ``loss`` slot: InfoNCE with temperature tau) contrasts q with its k and the negatives. v2 swaps
+the linear head for an MLP (``mlp``) and uses stronger augmentation and tau = 0.2.
+
+Shuffling BN. Batch statistics let a sample's key "see" the other samples of its batch. If q and k were
+normalized with statistics of the same images, the pair could be found through those statistics instead
+of through the content of the image. So the key batch is shuffled before f_k, giving keys different BN
+groups from their queries, and restored afterwards:
+
+- ``gather`` (several workers, the official code): the key images of all workers are gathered, permuted
+  with one permutation drawn by rank 0, and each worker encodes a slice of them;
+- ``split`` (one worker, the official CIFAR-10 demo): every BN layer normalizes ``bn_splits`` groups of the
+  batch on its own, as ``bn_splits`` workers would, and the key batch is permuted locally.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from sslcore.distributed import broadcast, concat_all_gather, rank, world_size
+
+if TYPE_CHECKING:
+    from sslcore.engine.context import MethodContext
+
+ShuffleBN = Literal["auto", "gather", "split", "off"]
+
+
+class MoCoConfig(BaseModel):
+    """The ``method: {name: moco, ...}`` block."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    momentum: float = Field(0.999, ge=0.0, lt=1.0,
+                            description="m in theta_k <- m theta_k + (1 - m) theta_q (key encoder update)")
+    head_hidden_dim: int = Field(2048, ge=1, description="hidden width of the MLP head (unused when mlp=false)")
+    dim: int = Field(128, ge=1, description="D: dimension of the embeddings q and k (and of the negatives)")
+    mlp: bool = Field(True, description="v2 head Linear-ReLU-Linear; false: the v1 linear head")
+    shuffle_bn: ShuffleBN = Field(
+        "auto", description="shuffling BN: 'gather' across workers, 'split' BN groups on one worker, 'off'; "
+                            "'auto' is 'gather' with several workers, else 'split'")
+    bn_splits: int = Field(8, ge=1, description="BN groups per worker batch in 'split' mode (emulated workers)")
+
+
+class MoCoProjectionHead(nn.Sequential):
+    """g: backbone features (N x feature_dim) -> embeddings (N x dim); Linear-ReLU-Linear (v2) or Linear (v1)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, mlp: bool = True) -> None:
+        if mlp:
+            super().__init__(nn.Linear(input_dim, hidden_dim), nn.ReLU(inplace=True),
+                             nn.Linear(hidden_dim, output_dim))
+        else:
+            super().__init__(nn.Linear(input_dim, output_dim))
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d that normalizes ``num_splits`` groups of the batch separately, as that many workers would.
+
+    Group g holds samples g, g + num_splits, g + 2 num_splits, ...: seen as N/num_splits x (num_splits C) x
+    H x W, the batch has one BN channel per (group, channel) pair, so a single ``batch_norm`` call does all
+    groups. The running statistics are the mean of the groups'. In eval mode this is a plain BatchNorm2d;
+    parameters, buffers and state_dict keys are BatchNorm2d's, so trained weights load into plain models.
+    """
+
+    def __init__(self, num_features: int, num_splits: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.running_mean is not None:
+            return super().forward(input)
+        n, c, h, w = input.shape
+        s = self.num_splits
+        if n % s:
+            raise ValueError(f"SplitBatchNorm: a batch of {n} does not split into {s} groups; "
+                             f"use a per-worker batch size divisible by bn_splits={s}")
+        running_mean = running_var = weight = bias = None
+        if self.running_mean is not None:  # each group updates its own copy; the copies are averaged below
+            running_mean, running_var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        if self.affine:
+            weight, bias = self.weight.repeat(s), self.bias.repeat(s)
+        out = F.batch_norm(input.reshape(n // s, s * c, h, w), running_mean, running_var, weight, bias,
+                           True, self._exponential_average_factor(), self.eps)
+        if running_mean is not None:
+            with torch.no_grad():
+                self.running_mean.copy_(running_mean.view(s, c).mean(0))
+                self.running_var.copy_(running_var.view(s, c).mean(0))
+        return out.view(n, c, h, w).contiguous(memory_format=_memory_format(input))
+
+    def _exponential_average_factor(self) -> float:
+        # as nn.BatchNorm2d: momentum None means a cumulative average over the batches seen
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                return 1.0 / float(self.num_batches_tracked)
+        return self.momentum or 0.0
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_splits={self.num_splits}"
+
+
+def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
+    """``module`` with every nn.BatchNorm2d replaced by a SplitBatchNorm holding its parameters and buffers."""
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SplitBatchNorm):
+        split = SplitBatchNorm(module.num_features, num_splits, eps=module.eps, momentum=module.momentum,
+                               affine=module.affine, track_running_stats=module.track_running_stats,
+                               device="meta")
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            setattr(split, name, tensor)
+        split.train(module.training)
+        return split
+    for name, child in module.named_children():
+        setattr(module, name, convert_split_batchnorm(child, num_splits))
+    return module
+
+
+class MoCo(nn.Module):
+    """MoCo v2: f_q = head(backbone), f_k its momentum copy; see the module docstring for the symbols."""
+
+    def __init__(self, config: MoCoConfig, *, context: MethodContext, encoder: nn.Module,
+                 negatives: nn.Module, loss: nn.Module) -> None:
+        super().__init__()
+        self.m = config.momentum
+        self.shuffle_bn = _resolve_shuffle_bn(config, context)
+        if self.shuffle_bn == "split" and config.bn_splits > 1:
+            encoder = convert_split_batchnorm(encoder, config.bn_splits)
+        self.backbone = encoder
+        self.head = MoCoProjectionHead(encoder.feature_dim, config.head_hidden_dim, config.dim, config.mlp)
+        # f_k starts as an exact copy of f_q and is only ever changed by the momentum update
+        self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.key_head = copy.deepcopy(self.head).requires_grad_(False)
+        self.negatives = negatives
+        self.loss = loss
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        im_q, im_k = views[0], views[1]  # x^q, x^k: N x 3 x H x W, two views of the same N images
+        q = F.normalize(self.head(self.backbone(im_q)).float(), dim=1)  # q: N x D
+        with torch.no_grad():
+            self.momentum_update_key_encoder()
+            k = self.keys(im_k)  # k: N x D, row i the positive of q row i
+        negatives, exclude = self.negatives(q, k)  # negatives: K x D, exclude: N x K or None
+        loss = self.loss(q, k, negatives, exclude)
+        self.negatives.update(k)
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def momentum_update_key_encoder(self) -> None:
+        theta_q = [*self.backbone.parameters(), *self.head.parameters()]
+        theta_k = [*self.key_backbone.parameters(), *self.key_head.parameters()]
+        # theta_k + (1 - m)(theta_q - theta_k) = m theta_k + (1 - m) theta_q, one fused pass
+        torch._foreach_lerp_(theta_k, theta_q, 1.0 - self.m)
+
+    @torch.no_grad()
+    def keys(self, im_k: torch.Tensor) -> torch.Tensor:
+        """k = f_k(x^k) / ||f_k(x^k)||: N x D, in the order of ``im_k``, with this run's BN shuffling."""
+        if self.shuffle_bn == "gather":
+            return self._keys_shuffled_across_workers(im_k)
+        if self.shuffle_bn == "split":
+            perm = torch.randperm(im_k.shape[0], device=im_k.device)
+            k = self._encode_keys(im_k[perm])  # k row j is the key of image perm[j]
+            return k[torch.argsort(perm)]
+        return self._encode_keys(im_k)
+
+    def _encode_keys(self, im_k: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.key_head(self.key_backbone(im_k)).float(), dim=1)
+
+    def _keys_shuffled_across_workers(self, im_k: torch.Tensor) -> torch.Tensor:
+        n, workers, r = im_k.shape[0], world_size(), rank()
+        im_all = concat_all_gather(im_k.contiguous())  # (workers N) x 3 x H x W, in rank order
+        perm = (torch.randperm(im_all.shape[0], device=im_k.device) if r == 0
+                else torch.empty(im_all.shape[0], dtype=torch.long, device=im_k.device))
+        broadcast(perm, src=0)  # one permutation for all workers
+        mine = im_all[perm.view(workers, n)[r]].contiguous(memory_format=_memory_format(im_k))
+        k_all = concat_all_gather(self._encode_keys(mine))  # k_all row j is the key of global image perm[j]
+        unshuffle = torch.argsort(perm)  # k_all row unshuffle[g] is the key of global image g
+        return k_all[unshuffle.view(workers, n)[r]]
+
+
+def _resolve_shuffle_bn(config: MoCoConfig, context: MethodContext) -> str:
+    workers = context.world_size
+    mode = config.shuffle_bn
+    if mode == "auto":
+        mode = "gather" if workers > 1 else "split"
+    if mode == "gather" and workers == 1:
+        raise ValueError("shuffle_bn 'gather' shuffles keys across workers and this run has one; "
+                         "use shuffle_bn: auto or split")
+    per_worker = context.global_batch_size // workers
+    if mode == "split" and per_worker % config.bn_splits:
+        raise ValueError(f"shuffle_bn 'split' needs the per-worker batch size ({per_worker}) divisible by "
+                         f"bn_splits ({config.bn_splits}); change batch_size or bn_splits")
+    return mode
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

@@ -1,0 +1,162 @@
+"""The ``sslcore`` command: run | validate | plugins | schema | export.
+
+User errors (a bad experiment file, an unknown component, unreadable data, a NaN loss) print one line each
+and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sslcore.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-p", "--plugin", action="append", default=[], metavar="MODULE",
+                        help="also load MODULE as a plugin (repeatable)")
+    parser = argparse.ArgumentParser(prog="sslcore", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", parents=[common], help="train an experiment file")
+    run.add_argument("file", nargs="?", type=Path, help="experiment YAML (default with --resume: its config)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", dest="overrides",
+                     help="override a value of the file (repeatable), e.g. --set train.epochs=10")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    run.add_argument("--address", help="join this Ray cluster (default: start a local one)")
+
+    validate = commands.add_parser("validate", parents=[common], help="check an experiment file")
+    validate.add_argument("file", type=Path)
+    validate.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", dest="overrides")
+
+    plugins = commands.add_parser("plugins", parents=[common], help="list plugins and their components")
+    plugins.add_argument("--json", action="store_true", help="print JSON")
+
+    schema = commands.add_parser("schema", parents=[common],
+                                 help="JSON Schema of the experiment file, or of one component")
+    schema.add_argument("kind", nargs="?", help="component kind, e.g. loss")
+    schema.add_argument("name", nargs="?", help="component name, e.g. info_nce")
+
+    export = commands.add_parser("export", parents=[common], help="write a run's backbone as a state_dict")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("-o", "--output", type=Path, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        for line in exc.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: checkpoints written so far are kept; continue with --resume", file=sys.stderr)
+        return 130
+
+
+def _registry(args: argparse.Namespace):  # noqa: ANN202 — imported lazily to keep --help fast
+    from sslcore.registry import Registry
+
+    registry = Registry(modules=args.plugin)
+    for line in registry.errors:
+        print(f"warning: {line}", file=sys.stderr)
+    return registry
+
+
+def _load(args: argparse.Namespace, registry):  # noqa: ANN001, ANN202
+    from sslcore.config import load_experiment
+
+    return load_experiment(args.file, registry, args.overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sslcore.engine.launch import CONFIG_FILE, launch
+
+    if args.file is None:
+        if args.resume is None:
+            raise UserError("sslcore run: give an experiment file (or --resume RUN_DIR)")
+        args.file = args.resume / CONFIG_FILE
+    registry = _registry(args)
+    resolved = _load(args, registry)
+    metrics = launch(resolved, registry, args.plugin, resume=args.resume, address=args.address)
+    print("sslcore: done " + json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from sslcore.engine.launch import dry_build
+
+    registry = _registry(args)
+    resolved = _load(args, registry)
+    dry_build(resolved, registry)
+    blocks = ", ".join(f"{slot}={block['name']}" for slot, block in resolved.blocks.items())
+    print(f"{args.file}: ok ({blocks})")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    infos = [p.as_dict() for p in registry.plugins]
+    if args.json:
+        print(json.dumps(infos, indent=2))
+        return 0
+    for info in infos:
+        head = f"{info['name']} ({info['distribution']} {info['version']}, {info['source']})"
+        if info["error"]:
+            print(f"{head}: FAILED TO LOAD: {info['error']}")
+            continue
+        parts = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in info["components"].items())
+        print(f"{head}: {parts}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from sslcore.config import component_schema, experiment_schema
+
+    registry = _registry(args)
+    if args.kind is None:
+        schema = experiment_schema(registry)
+    elif args.name is None:
+        raise UserError(f"sslcore schema {args.kind}: also give a name, e.g. "
+                        f"sslcore schema {args.kind} {next(iter(_names(registry, args.kind)), 'NAME')}")
+    else:
+        schema = component_schema(registry, _kind(registry, args.kind), args.name)
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+def _kind(registry, kind: str) -> str:  # noqa: ANN001
+    from sslcore.registry import did_you_mean
+
+    aliases = {"negatives": "negative_source", "data": "dataset", "augmentations": "augmentation"}
+    kind = aliases.get(kind, kind)
+    if kind not in registry.components:
+        raise UserError(f"unknown component kind '{kind}'{did_you_mean(kind, registry.components)}")
+    return kind
+
+
+def _names(registry, kind: str) -> list[str]:  # noqa: ANN001
+    return registry.names(_kind(registry, kind))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sslcore.export import export_backbone
+
+    registry = _registry(args)
+    path = export_backbone(args.run_dir, args.output, registry)
+    print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "schema": cmd_schema,
+            "export": cmd_export}
+
+if __name__ == "__main__":
+    sys.exit(main())

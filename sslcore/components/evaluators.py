@@ -1,0 +1,95 @@
+"""Evaluators that measure a backbone's features during and after training.
+
+``knn`` is the weighted k-nearest-neighbour classifier of InstDisc (Wu et al. 2018, "Unsupervised
+Feature Learning via Non-Parametric Instance Discrimination"), the monitor used by lightly and
+solo-learn: each test image takes the k training images whose features are most similar (cosine),
+and each neighbour votes for its class with weight exp(s / tau).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from sslcore import hookimpl
+from sslcore.errors import UserError
+from sslcore.hookspecs import Register
+
+if TYPE_CHECKING:
+    from sslcore.engine.context import EvalContext
+
+
+class KNNConfig(BaseModel):
+    """Parameters of the weighted kNN evaluator."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(200, gt=0, description="Number of neighbours that vote (200 in InstDisc).")
+    temperature: float = Field(0.1, gt=0, description="tau: a neighbour at cosine similarity s votes "
+                                                      "with weight exp(s / tau).")
+    every_epochs: int = Field(10, ge=0, description="Evaluate every this many epochs; 0: only at the end.")
+    data: dict[str, Any] = Field(description="The labelled test set, a dataset block such as "
+                                             "{name: image_folder, root: .../test}.")
+    train_data: dict[str, Any] | None = Field(
+        None, description="The labelled memory bank, a dataset block; None: the experiment's training data.")
+
+
+@torch.no_grad()
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                num_classes: int, k: int = 200, temperature: float = 0.1,
+                chunk_size: int = 256) -> torch.Tensor:
+    """Class scores (num_test x num_classes) of the weighted kNN vote.
+
+    ``train_features``: M x D, ``train_labels``: M (ints in [0, num_classes)), ``test_features``: T x D.
+    Features are L2-normalized here. Test features go ``chunk_size`` at a time, so memory stays
+    chunk_size x M. With fewer than ``k`` training images, all of them vote.
+    """
+    train = F.normalize(train_features.float(), dim=1)  # M x D
+    train_labels = train_labels.to(train.device)
+    k = min(k, train.shape[0])
+    scores = []
+    for chunk in test_features.split(chunk_size):
+        similarity = F.normalize(chunk.float(), dim=1).to(train.device) @ train.T  # n x M
+        top_similarity, top_index = similarity.topk(k, dim=1)  # n x k
+        weights = (top_similarity / temperature).exp()
+        votes = torch.zeros(chunk.shape[0], num_classes, device=train.device)  # n x C
+        scores.append(votes.scatter_add_(1, train_labels[top_index], weights))
+    return torch.cat(scores)  # T x C
+
+
+class KNNEvaluator:
+    """Top-1 and top-5 accuracy of :func:`knn_predict` on the test set, with the training set as memory."""
+
+    def __init__(self, config: KNNConfig) -> None:
+        self.config = config
+        self.every_epochs = config.every_epochs
+
+    def evaluate(self, backbone: nn.Module, context: EvalContext) -> dict[str, float]:
+        train_features, train_labels = self._labelled_features(backbone, context, "train_data")  # M x D, M
+        test_features, test_labels = self._labelled_features(backbone, context, "data")  # T x D, T
+        num_classes = int(train_labels.max()) + 1
+        scores = knn_predict(train_features.to(context.device), train_labels, test_features, num_classes,
+                             k=self.config.k, temperature=self.config.temperature)  # T x C
+        ranked = scores.topk(min(5, num_classes), dim=1).indices.cpu()  # T x 5
+        hits = (ranked == test_labels.unsqueeze(1)).float()  # T x 5
+        return {"knn_top1": hits[:, 0].mean().item(), "knn_top5": hits.sum(dim=1).mean().item()}
+
+    def _labelled_features(self, backbone: nn.Module, context: EvalContext, key: str
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        block = getattr(self.config, key)
+        features, labels = context.features(backbone, block)  # block None: the experiment's training data
+        if (labels < 0).any():
+            where = f"evaluators[knn].{key}" if block is not None else "the experiment's data"
+            source = block or context.train_data
+            raise UserError(f"knn needs labelled data: {where} ({source.get('root', source)}) has no class "
+                            "labels; point it at a folder of class subfolders (image_folder, labeled: true)")
+        return features, labels
+
+
+@hookimpl
+def register_evaluators(register: Register) -> None:
+    register("knn", KNNEvaluator, config=KNNConfig)

@@ -1,0 +1,399 @@
+"""The experiment file: pydantic models, component blocks checked against their own models, clear errors.
+
+Validation runs in two passes and collects every error of both before reporting:
+
+1. the structure of the file (:class:`Experiment`, ``extra="forbid"``);
+2. each component block ``{name: ..., **params}`` against the model its component registered, after
+   filling the slots the method declares with the method's defaults.
+
+Every error is one line: ``file:line: dotted.key.path: message — did you mean '...'?``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sslcore.errors import ConfigError
+from sslcore.registry import SLOT_KINDS, Registry, did_you_mean
+
+Block = dict[str, Any]
+Loc = tuple[Any, ...]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- optimizers (built in; a block like any other) -------------------------------------------------------
+
+class SGDConfig(_Model):
+    lr: float = Field(0.03, gt=0, description="Base learning rate (for the whole global batch).")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    nesterov: bool = False
+
+
+class AdamWConfig(_Model):
+    lr: float = Field(1e-3, gt=0, description="Base learning rate (for the whole global batch).")
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.05, ge=0)
+    eps: float = Field(1e-8, gt=0)
+
+
+OPTIMIZERS: dict[str, type[BaseModel]] = {"sgd": SGDConfig, "adamw": AdamWConfig}
+
+
+# -- the experiment file ----------------------------------------------------------------------------------
+
+class TrainConfig(_Model):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=1, description="Global batch size, split evenly over the workers.")
+    optimizer: Block = Field(default_factory=lambda: {"name": "sgd"},
+                             description="{name: sgd|adamw, **params}")
+    warmup_epochs: float = Field(0, ge=0, description="Linear warmup before the cosine schedule.")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast dtype for the training step (bf16 works on CPU and GPU).")
+    channels_last: bool = Field(False, description="Images and model in channels_last memory format.")
+    loader_workers: int | None = Field(
+        None, ge=0, description="DataLoader worker processes per training worker (default: from its CPUs).")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on steps per epoch (quick runs).")
+    log_every_steps: int = Field(10, ge=1)
+    eval_at_start: bool = Field(False, description="Run the evaluators on the untrained encoder too (the floor).")
+
+
+class ScalingSection(_Model):
+    backend: Literal["ray", "local"] = Field(
+        "ray", description="ray: Ray Train TorchTrainer; local: the same loop in this process (debugging).")
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float | None = Field(None, gt=0, description="Default: the machine's CPUs / workers.")
+
+
+class AimSection(_Model):
+    repo: str | None = Field(None, description="Aim repository folder (default: <output_dir>/.aim).")
+    experiment: str | None = Field(None, description="Aim experiment name (default: the run's name).")
+
+
+class TrackingSection(_Model):
+    aim: AimSection | None = Field(default_factory=AimSection, description="null turns aim off.")
+    progress_bar: bool = True
+
+
+class CheckpointSection(_Model):
+    every_epochs: int = Field(1, ge=1)
+    keep: int = Field(2, ge=1, description="How many checkpoints to keep.")
+
+
+class Experiment(_Model):
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.\-]+$")
+    seed: int = 0
+    output_dir: str = Field("runs", description="Runs go to <output_dir>/<name>/.")
+    method: Block
+    encoder: Block | None = None
+    augmentation: Block | None = None
+    negatives: Block | None = None
+    loss: Block | None = None
+    clustering: Block | None = None
+    data: Block
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    evaluators: list[Block] = Field(default_factory=list)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    plugins: list[str] = Field(default_factory=list, description="Extra modules to load as plugins.")
+
+
+@dataclass
+class Resolved:
+    """A validated experiment: the structure, every block filled in, and the plain dict workers get."""
+
+    experiment: Experiment
+    blocks: dict[str, Block]  # slot -> {name, **validated params}, incl. method, data, optimizer
+    evaluators: list[Block]
+    source: str
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = self.experiment.model_dump(mode="json")
+        out.update(copy.deepcopy(self.blocks))
+        out["train"]["optimizer"] = out.pop("optimizer")
+        out["evaluators"] = copy.deepcopy(self.evaluators)
+        return out
+
+
+# -- YAML with line numbers ----------------------------------------------------------------------------
+
+def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[Loc, int]]:
+    """Parse ``path`` with ``yaml.safe_load`` semantics; also return the line of every key path."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the experiment file: {exc.strerror}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: the experiment file must be a mapping of keys (method:, data:, ...)")
+    lines: dict[Loc, int] = {}
+    _record_lines(node, (), lines)
+    return data, lines
+
+
+def _record_lines(node: yaml.Node | None, loc: Loc, lines: dict[Loc, int]) -> None:
+    if node is None:
+        return
+    lines.setdefault(loc, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = (*loc, key.value)
+            lines[child] = key.start_mark.line + 1
+            _record_lines(value, child, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _record_lines(item, (*loc, i), lines)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], lines: dict[Loc, int]) -> None:
+    """Apply ``--set key.path=value`` overrides in place; values are parsed as YAML (``0.1``, ``[1, 2]``)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item}: expected key.path=value, e.g. --set train.epochs=10")
+        parts: list[Any] = [int(p) if p.isdigit() else p for p in key.split(".")]
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item}: the value is not valid YAML") from None
+        target: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            if isinstance(target, list) and isinstance(part, int) and part < len(target):
+                target = target[part]
+            elif isinstance(target, dict):
+                nxt = target.get(part)
+                if isinstance(nxt, str) and depth == 0:  # `method: moco` shorthand
+                    nxt = target[part] = {"name": nxt}
+                if not isinstance(nxt, (dict, list)):
+                    nxt = target[part] = {}
+                target = nxt
+            else:
+                raise ConfigError(f"--set {item}: '{'.'.join(map(str, parts[:depth + 1]))}' is not a mapping")
+        if isinstance(target, list):
+            if not isinstance(parts[-1], int) or parts[-1] >= len(target):
+                raise ConfigError(f"--set {item}: index {parts[-1]} is out of range")
+        target[parts[-1]] = parsed
+        lines[tuple(parts)] = 0
+
+
+# -- validation ---------------------------------------------------------------------------------------
+
+class _Errors:
+    def __init__(self, source: str, lines: dict[Loc, int]) -> None:
+        self.source, self.lines, self.items = source, lines, []
+
+    def add(self, loc: Loc, message: str) -> None:
+        line = next((self.lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in self.lines), None)
+        where = "--set" if line == 0 else f"{self.source}:{line}" if line else self.source
+        path = _dotted(loc)
+        self.items.append(f"{where}: {path}: {message}" if path else f"{where}: {message}")
+
+    def add_pydantic(self, prefix: Loc, exc: ValidationError, model: type[BaseModel] | None) -> None:
+        for err in exc.errors():
+            loc = (*prefix, *err["loc"])
+            if err["type"] == "extra_forbidden":
+                key = err["loc"][-1]
+                fields = _fields_at(model, err["loc"][:-1])
+                self.add(loc, f"unknown key '{key}'{did_you_mean(str(key), fields)}")
+            elif err["type"] == "missing":
+                self.add(loc, f"missing required key '{err['loc'][-1]}'")
+            else:
+                got = err.get("input")
+                shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+                self.add(loc, f"{err['msg']}{shown}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ConfigError(*self.items)
+
+
+def _dotted(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _fields_at(model: type[BaseModel] | None, loc: Loc) -> list[str]:
+    for part in loc:
+        if model is None or isinstance(part, int):
+            continue
+        info = model.model_fields.get(str(part))
+        annotation = getattr(info, "annotation", None)
+        model = next((a for a in (annotation, *getattr(annotation, "__args__", ())) if
+                      isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return list(model.model_fields) if model else []
+
+
+def _as_block(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+def resolve(data: dict[str, Any], registry: Registry, source: str = "<experiment>",
+            lines: dict[Loc, int] | None = None) -> Resolved:
+    """Validate an experiment dict (already loaded, overrides applied) against the registry."""
+    errors = _Errors(source, lines or {})
+    data = copy.deepcopy(data)
+    for slot in ("method", "data", *SLOT_KINDS):
+        if slot in data:
+            data[slot] = _as_block(data[slot])
+    if isinstance(data.get("evaluators"), list):
+        data["evaluators"] = [_as_block(b) for b in data["evaluators"]]
+
+    for i, module in enumerate(data.get("plugins") or []):
+        if isinstance(module, str):
+            info = registry.add_module(module)
+            if info.error:
+                errors.add(("plugins", i), f"cannot load plugin module '{module}': {info.error}")
+    for clash in registry.clashes:
+        errors.add((), clash)
+
+    try:
+        experiment = Experiment.model_validate(data)
+    except ValidationError as exc:
+        errors.add_pydantic((), exc, Experiment)
+        experiment = None
+
+    blocks: dict[str, Block] = {}
+    method = _validate_block(errors, registry, "method", ("method",), data.get("method"))
+    if method is not None:
+        blocks["method"] = method
+        slots = registry.get("method", method["name"]).extra.get("slots", {})
+        for slot, kind in SLOT_KINDS.items():
+            given = data.get(slot)
+            if slot not in slots:
+                if given is not None:
+                    errors.add((slot,), f"method '{method['name']}' does not use a '{slot}' block; remove it "
+                                        f"(it uses: {', '.join(slots) or 'none'})")
+                continue
+            block = _merge_default(slots[slot], given)
+            validated = _validate_block(errors, registry, kind, (slot,), block)
+            if validated is not None:
+                blocks[slot] = validated
+    data_block = _validate_block(errors, registry, "dataset", ("data",), data.get("data"))
+    if data_block is not None:
+        blocks["data"] = data_block
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    optimizer = _validate_block(errors, None, "optimizer", ("train", "optimizer"),
+                                _as_block(train.get("optimizer", {"name": "sgd"})))
+    if optimizer is not None:
+        blocks["optimizer"] = optimizer
+    evaluators = []
+    for i, block in enumerate(data.get("evaluators") or []):
+        validated = _validate_block(errors, registry, "evaluator", ("evaluators", i), block)
+        if validated is not None:
+            evaluators.append(validated)
+
+    if experiment is not None:
+        if experiment.train.batch_size % experiment.scaling.num_workers:
+            errors.add(("train", "batch_size"),
+                       f"{experiment.train.batch_size} does not split evenly over "
+                       f"{experiment.scaling.num_workers} workers (scaling.num_workers); use a multiple of it")
+    errors.raise_if_any()
+    return Resolved(experiment=cast(Experiment, experiment),  # not None: its errors were raised
+                    blocks=blocks, evaluators=evaluators, source=source, raw=data)
+
+
+def _merge_default(default: Block, given: Any) -> Any:
+    if given is None:
+        return copy.deepcopy(default)
+    if isinstance(given, dict) and ("name" not in given or given.get("name") == default.get("name")):
+        return {**default, **given}
+    return given
+
+
+def _validate_block(errors: _Errors, registry: Registry | None, kind: str, loc: Loc, block: Any) -> Block | None:
+    """Check one ``{name: ..., **params}`` block; nested dataset blocks (``data:``) are checked too."""
+    if block is None:
+        return None  # a missing required block is reported by the structural pass
+    if not isinstance(block, dict):
+        errors.add(loc, f"expected a block like {{name: ..., ...}}, got {type(block).__name__}")
+        return None
+    name = block.get("name")
+    if not isinstance(name, str):
+        errors.add(loc, f"the {kind.replace('_', ' ')} block needs a 'name'")
+        return None
+    if registry is None:
+        choices = OPTIMIZERS
+        model = OPTIMIZERS.get(name)
+    else:
+        choices = registry.components[kind]
+        component = choices.get(name)
+        model = component.config if component else None
+    if model is None:
+        errors.add((*loc, "name"), f"unknown {kind.replace('_', ' ')} '{name}'{did_you_mean(name, choices)}")
+        return None
+    params = {k: v for k, v in block.items() if k != "name"}
+    try:
+        validated = model.model_validate(params)
+    except ValidationError as exc:
+        errors.add_pydantic(loc, exc, model)
+        return None
+    out = {"name": name, **validated.model_dump(mode="json")}
+    for key, info in model.model_fields.items():
+        nested_kind = (info.json_schema_extra or {}).get("sslcore_kind") if isinstance(
+            info.json_schema_extra, dict) else None
+        if nested_kind and out.get(key) is not None and registry is not None:
+            nested = _validate_block(errors, registry, nested_kind, (*loc, key), _as_block(params.get(key)))
+            if nested is None:
+                return None
+            out[key] = nested
+    return out
+
+
+def load_experiment(path: str | Path, registry: Registry, overrides: list[str] | None = None) -> Resolved:
+    """Read, override and validate an experiment file; raises :class:`ConfigError` with every problem."""
+    data, lines = load_yaml(path)
+    apply_overrides(data, overrides or [], lines)
+    return resolve(data, registry, source=str(path), lines=lines)
+
+
+# -- JSON Schema ------------------------------------------------------------------------------------------
+
+def component_schema(registry: Registry, kind: str, name: str) -> dict[str, Any]:
+    component = registry.get(kind, name)
+    schema = component.config.model_json_schema()
+    schema.setdefault("properties", {})["name"] = {"const": name}
+    schema["required"] = ["name", *schema.get("required", [])]
+    schema["title"] = f"{kind} '{name}' ({component.distribution})"
+    return schema
+
+
+def experiment_schema(registry: Registry) -> dict[str, Any]:
+    """JSON Schema of the experiment file, each block a choice among the registered components."""
+    schema = Experiment.model_json_schema()
+    props = schema["properties"]
+
+    def one_of(kind: str) -> dict[str, Any]:
+        return {"oneOf": [{"type": "string", "enum": registry.names(kind)},
+                          *(component_schema(registry, kind, n) for n in registry.names(kind))]}
+
+    props["method"] = one_of("method")
+    props["data"] = one_of("dataset")
+    for slot, kind in SLOT_KINDS.items():
+        props[slot] = one_of(kind)
+    props["evaluators"] = {"type": "array", "items": one_of("evaluator")}
+    return schema

@@ -1,0 +1,162 @@
+"""The contract every component meets, checked on tiny CPU inputs (see :func:`sslcore.testing.check_component`).
+
+Each kind's check builds the component from its defaults (datasets and evaluators get a small folder of
+images made here) and exercises the interface documented in :mod:`sslcore.hookspecs`.
+"""
+
+from __future__ import annotations
+
+import pickle
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sslcore.engine.context import EvalContext, MethodContext
+from sslcore.registry import SLOT_KINDS, Registry
+
+
+def _image(seed: int = 0, size: int = 32) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _image_folder(root: Path, classes: int = 2, per_class: int = 4) -> Path:
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(_image(c * 100 + i)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def _check_augmentation(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
+    aug = build({})
+    aug.set_seed(0)
+    views = aug.views(_image())
+    if len(views) != aug.num_views:
+        raise AssertionError(f"{name}: views() returned {len(views)} views, num_views is {aug.num_views}")
+    for view in views:
+        if not (view.dtype == torch.float32 and view.ndim == 3 and view.shape[0] == 3):
+            raise AssertionError(f"{name}: a view must be a 3 x S x S float tensor, got {view.shape} {view.dtype}")
+    aug.set_seed(0)
+    if not all(torch.equal(a, b) for a, b in zip(views, aug.views(_image()))):
+        raise AssertionError(f"{name}: set_seed does not make views reproducible")
+    if aug.eval(_image()).shape[0] != 3:
+        raise AssertionError(f"{name}: eval() must return a 3 x S x S tensor")
+    pickle.loads(pickle.dumps(aug))
+
+
+def _check_encoder(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
+    encoder = build({})
+    out = encoder(torch.randn(2, 3, 32, 32))
+    if out.shape != (2, encoder.feature_dim):
+        raise AssertionError(f"{name}: output {tuple(out.shape)}, expected (2, feature_dim={encoder.feature_dim})")
+    out.sum().backward()
+    if not any(p.grad is not None for p in encoder.parameters()):
+        raise AssertionError(f"{name}: no gradient reached the parameters")
+
+
+def _check_negative_source(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
+    source = build({}, dim=8, global_batch_size=4)
+    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    negatives, exclude = source.negatives(q, k)
+    if negatives.ndim != 2 or negatives.shape[1] != 8:
+        raise AssertionError(f"{name}: negatives must be K x D, got {tuple(negatives.shape)}")
+    if exclude is not None and exclude.shape != (4, negatives.shape[0]):
+        raise AssertionError(f"{name}: exclude must be N x K, got {tuple(exclude.shape)}")
+    source.update(k)
+    clone = build({}, dim=8, global_batch_size=4)
+    clone.load_state_dict(source.state_dict())
+
+
+def _check_loss(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
+    loss_fn = build({})
+    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=1).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    loss = loss_fn(q, k, torch.nn.functional.normalize(torch.randn(16, 8), dim=1), None)
+    if loss.ndim != 0 or not torch.isfinite(loss):
+        raise AssertionError(f"{name}: the loss must be a finite scalar, got {loss}")
+    loss.backward()
+    if q.grad is None:
+        raise AssertionError(f"{name}: no gradient reached the queries")
+
+
+def _check_dataset(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
+    if name == "cifar10":
+        return  # needs the CIFAR-10 binaries; tested on its own (no download in tests)
+    root = _image_folder(tmp / "images")
+    params = {"root": str(root)}
+    if name == "file_list":
+        listing = tmp / "files.txt"
+        listing.write_text("\n".join(str(p) for p in sorted(root.rglob("*.png"))))
+        params = {"path": str(listing)}
+    dataset = build(params)
+    image, label = dataset[0]
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+        raise AssertionError(f"{name}: items must be H x W x 3 uint8 arrays")
+    if not isinstance(label, int):
+        raise AssertionError(f"{name}: labels must be ints (-1 when unlabeled)")
+
+
+def _check_evaluator(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
+    root = _image_folder(tmp / "eval_images")
+    block = {"name": "image_folder", "root": str(root)}
+    evaluator = build({"data": block})
+    aug = registry.get("augmentation", "moco_v2").build({"size": 32})
+    context = EvalContext(registry=registry, eval_transform=aug.eval, train_data=block,
+                          device=torch.device("cpu"), batch_size=4, num_workers=0)
+    encoder = registry.get("encoder", "resnet18").build({"cifar_stem": False}).eval()
+    results = evaluator.evaluate(encoder, context)
+    if not results or not all(isinstance(v, float) for v in results.values()):
+        raise AssertionError(f"{name}: evaluate() must return a non-empty dict of floats, got {results}")
+
+
+def _check_clustering(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
+    clustering = build({})
+    if clustering.fit(torch.nn.functional.normalize(torch.randn(64, 8), dim=1)) is None:
+        raise AssertionError(f"{name}: fit() returned nothing")
+
+
+def _check_method(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
+    from sslcore.engine.loop import build_method
+
+    component = registry.get("method", name)
+    batch = 8
+    experiment: dict[str, Any] = {"method": {"name": name, **component.config().model_dump(mode="json")}}
+    for slot, default in component.extra.get("slots", {}).items():
+        block = dict(default)
+        experiment[slot] = {"name": block["name"], **registry.get(SLOT_KINDS[slot], block["name"]).config(
+            **{k: v for k, v in block.items() if k != "name"}).model_dump(mode="json")}
+    context = MethodContext(world_size=1, rank=0, global_batch_size=batch, steps_per_epoch=2, epochs=1,
+                            device=torch.device("cpu"), registry=registry)
+    method = build_method(experiment, registry, context)
+    aug_block = experiment.get("augmentation", {"name": "moco_v2"})
+    aug = registry.get("augmentation", aug_block["name"]).build(
+        {**{k: v for k, v in aug_block.items() if k != "name"}, "size": 32})
+    views = [torch.stack(v) for v in zip(*(aug.views(_image(i)) for i in range(batch)))]
+    out = method(views)
+    loss = out["loss"]
+    if loss.ndim != 0 or not torch.isfinite(loss):
+        raise AssertionError(f"{name}: forward() must return a finite scalar 'loss', got {loss}")
+    loss.backward()
+    if not any(p.grad is not None for p in method.parameters()):
+        raise AssertionError(f"{name}: no gradient reached the parameters")
+    if not isinstance(method.backbone, torch.nn.Module):
+        raise AssertionError(f"{name}: the method must expose its encoder as .backbone")
+
+
+CHECKS = {"augmentation": _check_augmentation, "encoder": _check_encoder,
+          "negative_source": _check_negative_source, "loss": _check_loss, "dataset": _check_dataset,
+          "evaluator": _check_evaluator, "clustering": _check_clustering, "method": _check_method}
+
+
+def check(registry: Registry, kind: str, name: str) -> None:
+    """Raise AssertionError naming the component when it breaks its kind's contract."""
+    component = registry.get(kind, name)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        CHECKS[kind](registry, name, lambda params, **kw: component.build(params, **kw), Path(tmp))

@@ -1,0 +1,136 @@
+"""Data pipeline: datasets built from the registry, multi-view and eval wrappers, DataLoader worker seeding.
+
+Datasets (``register_datasets``) yield ``(image, label)`` with ``image`` an H x W x 3 uint8 RGB array. The
+wrappers here apply the augmentation (training) or the eval transform (evaluators) and skip images that
+cannot be decoded, replacing each by the next readable item so that every batch keeps its size.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from sslcore.errors import TrainingError
+from sslcore.registry import Registry
+
+logger = logging.getLogger("sslcore.data")
+
+# Everything Pillow raises for a file it cannot decode: unknown format (UnidentifiedImageError is an
+# OSError), truncated data (OSError), broken PNG chunks (SyntaxError), bad headers (ValueError, EOFError)
+# and images too large to be real (DecompressionBombError).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class UnreadableImage(Exception):
+    """An image file that cannot be decoded; sslcore's loader logs it and skips to the next item."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)  # both in args, so the exception pickles (DataLoader workers, Ray)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class Augmentation(Protocol):
+    """What :class:`MultiViewDataset` uses of an augmentation (see ``register_augmentations``)."""
+
+    def views(self, image: np.ndarray) -> list[torch.Tensor]: ...
+
+    def set_seed(self, seed: int) -> None: ...
+
+
+def load_image(path: str) -> np.ndarray:
+    """Decode ``path`` as an H x W x 3 uint8 RGB array (grayscale, palette, RGBA and CMYK are converted).
+
+    Raises :class:`UnreadableImage` when the file cannot be opened or decoded.
+    """
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))  # np.array, not asarray: a writable array
+    except _DECODE_ERRORS as exc:
+        raise UnreadableImage(path, f"{type(exc).__name__}: {exc}") from exc
+
+
+def build_dataset(registry: Registry, block: dict[str, Any]) -> Dataset:
+    """The dataset described by a ``data`` block: ``{"name": ..., **params}``."""
+    return registry.get("dataset", block["name"]).build({k: v for k, v in block.items() if k != "name"})
+
+
+class _SkipUnreadable(Dataset):
+    """Reads item ``i`` of a dataset, or the next readable one when its image cannot be decoded."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self._reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _read(self, index: int) -> tuple[np.ndarray, int]:
+        size = len(self.dataset)
+        if not -size <= index < size:
+            raise IndexError(f"index {index} out of range for a dataset of {size} items")
+        for offset in range(size):
+            try:
+                return self.dataset[(index + offset) % size]
+            except UnreadableImage as exc:
+                if exc.path not in self._reported:
+                    self._reported.add(exc.path)
+                    logger.warning("skipping unreadable image %s: %s", exc.path, exc.reason)
+        raise TrainingError(f"no readable image in the dataset: all {size} items failed to decode "
+                            "(see the warnings above); check the data block's root or path")
+
+
+class MultiViewDataset(_SkipUnreadable):
+    """Training items: ``(views, label)`` with ``views = augmentation.views(image)``."""
+
+    def __init__(self, dataset: Dataset, augmentation: Augmentation) -> None:
+        super().__init__(dataset)
+        self.augmentation = augmentation
+
+    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int]:
+        image, label = self._read(index)
+        return self.augmentation.views(image), label
+
+    def set_seed(self, seed: int) -> None:
+        """Reseed the augmentation (each DataLoader worker, through :func:`seed_worker`)."""
+        self.augmentation.set_seed(seed)
+
+
+class EvalDataset(_SkipUnreadable):
+    """Evaluation items: ``(transform(image), label)``."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[np.ndarray], torch.Tensor]) -> None:
+        super().__init__(dataset)
+        self.transform = transform
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self._read(index)
+        return self.transform(image), label
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seeds numpy, ``random`` and the dataset's augmentation per worker.
+
+    The seed is the worker's torch seed, which the DataLoader derives from its generator and the worker
+    id, so a loader with a seeded generator gives the same augmented batches on every run.
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    set_seed = getattr(info.dataset, "set_seed", None) if info is not None else None
+    if set_seed is not None:
+        set_seed(seed)
+
+
+__all__ = ["EvalDataset", "MultiViewDataset", "UnreadableImage", "build_dataset", "load_image", "seed_worker"]

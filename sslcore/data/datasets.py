@@ -1,0 +1,188 @@
+"""Built-in datasets: a folder of images (``image_folder``), CIFAR-10 (``cifar10``), a list of files (``file_list``).
+
+Items are ``(image, label)``: ``image`` an H x W x 3 uint8 RGB array, ``label`` an int (-1 when unlabeled).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch.utils.data import Dataset
+
+from sslcore import hookimpl
+from sslcore.data import load_image
+from sslcore.errors import UserError
+from sslcore.hookspecs import Register
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class ImageFiles(Dataset):
+    """Image files decoded on access: the common part of ``image_folder`` and ``file_list``.
+
+    Paths are kept as one numpy byte-string array rather than a list of str: DataLoader workers touching
+    Python objects would copy them page by page (reference counts), numpy arrays stay shared.
+    """
+
+    def __init__(self, root: str, relative_paths: Iterable[str], labels: Iterable[int],
+                 classes: list[str]) -> None:
+        self.root = root
+        self.classes = classes
+        self._paths = np.array([os.fsencode(p) for p in relative_paths], dtype=bytes)
+        self._labels = np.fromiter(labels, dtype=np.int64, count=len(self._paths))
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        path = os.path.join(self.root, os.fsdecode(self._paths[index]))
+        return load_image(path), int(self._labels[index])
+
+
+def _scan(folder: str, extensions: tuple[str, ...]) -> list[str]:
+    """Image files under ``folder`` and its subfolders, as sorted paths relative to ``folder``.
+
+    Hidden files and folders (``.name``) are skipped: editor checkpoints, macOS ``._`` resource forks.
+    """
+    found: list[str] = []
+    pending = [""]
+    while pending:
+        relative = pending.pop()
+        with os.scandir(os.path.join(folder, relative)) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                path = os.path.join(relative, entry.name) if relative else entry.name
+                if entry.is_dir():
+                    pending.append(path)
+                elif entry.name.lower().endswith(extensions):
+                    found.append(path)
+    return sorted(found)
+
+
+class ImageFolderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    root: str = Field(description="Folder of class subfolders of images (labels by sorted folder name), "
+                                  "or of images directly (unlabeled). '~' is expanded.")
+    labeled: bool = Field(True, description="Label images by class subfolder; false: every image under "
+                                            "root, in any subfolder, with label -1.")
+    max_per_class: int | None = Field(None, ge=1, description="Keep the first N files of each class in "
+                                                              "sorted order (of the whole folder when "
+                                                              "unlabeled), for fixed subsets.")
+    extensions: list[str] = Field(list(IMAGE_EXTENSIONS), min_length=1,
+                                  description="File extensions read as images, case-insensitive.")
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalize_extensions(cls, extensions: list[str]) -> list[str]:
+        return [("" if e.startswith(".") else ".") + e.lower() for e in extensions]
+
+
+class ImageFolderDataset(ImageFiles):
+    """Images in ``root/<class>/...`` (labeled, classes sorted by name) or anywhere under ``root`` (unlabeled).
+
+    Files within a class are sorted by path, so ``max_per_class`` selects the same subset on every machine.
+    """
+
+    def __init__(self, config: ImageFolderConfig) -> None:
+        root = os.path.expanduser(config.root)
+        extensions = tuple(config.extensions)
+        hint = f"point root at a folder of class subfolders of {'/'.join(extensions)} images"
+        if not os.path.isdir(root):
+            raise UserError(f"image_folder: no folder '{root}' (data.root): {hint}")
+        with os.scandir(root) as entries:
+            top = [e for e in entries if not e.name.startswith(".")]
+        class_names = sorted(e.name for e in top if e.is_dir())
+        loose = sorted(e.name for e in top if not e.is_dir() and e.name.lower().endswith(extensions))
+        if config.labeled and class_names and loose:
+            raise UserError(f"image_folder: '{root}' holds both class subfolders and {len(loose)} images "
+                            f"outside them (e.g. '{loose[0]}') (data.root): move those images into a class "
+                            "folder, or set labeled: false to read every image unlabeled")
+        paths: list[str] = []
+        labels: list[int] = []
+        classes: list[str] = []
+        if config.labeled and class_names:
+            classes = class_names
+            for label, name in enumerate(classes):
+                files = [os.path.join(name, f) for f in _scan(os.path.join(root, name), extensions)]
+                files = files[:config.max_per_class]
+                paths += files
+                labels += [label] * len(files)
+        else:
+            paths = _scan(root, extensions)[:config.max_per_class]
+            labels = [-1] * len(paths)
+        if not paths:
+            raise UserError(f"image_folder: no images found under '{root}' (data.root): {hint}")
+        super().__init__(root, paths, labels, classes)
+
+
+class FileListConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="Text file with one image path per line; blank lines and lines starting "
+                                  "with '#' are ignored. '~' is expanded.")
+    root: str | None = Field(None, description="Folder that relative paths in the list are relative to; "
+                                               "default: the list file's folder.")
+
+
+class FileListDataset(ImageFiles):
+    """The images named in a text file, one path per line, unlabeled."""
+
+    def __init__(self, config: FileListConfig) -> None:
+        list_path = os.path.expanduser(config.path)
+        try:
+            with open(list_path, encoding="utf-8") as file:
+                lines = [line.strip() for line in file]
+        except OSError as exc:
+            raise UserError(f"file_list: cannot read the image list '{list_path}' (data.path): "
+                            f"{exc.strerror or exc}; point path at a text file of image paths") from None
+        paths = [line for line in lines if line and not line.startswith("#")]
+        if not paths:
+            raise UserError(f"file_list: the image list '{list_path}' names no image (data.path): "
+                            "write one image path per line")
+        root = os.path.expanduser(config.root) if config.root else os.path.dirname(os.path.abspath(list_path))
+        super().__init__(root, paths, [-1] * len(paths), [])
+
+
+class Cifar10Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    root: str = Field("~/.cache/sslcore/torchvision",
+                      description="Folder holding torchvision's cifar-10-batches-py. '~' is expanded.")
+    train: bool = Field(True, description="The 50,000 training images; false: the 10,000 test images.")
+    download: bool = Field(False, description="Download CIFAR-10 into root when missing (needs internet).")
+
+
+class Cifar10Dataset(Dataset):
+    """CIFAR-10 in torchvision's binary format (``torchvision.datasets.CIFAR10``), 32 x 32 images."""
+
+    def __init__(self, config: Cifar10Config) -> None:
+        from torchvision.datasets import CIFAR10
+
+        root = os.path.expanduser(config.root)
+        try:
+            cifar = CIFAR10(root, train=config.train, download=config.download)
+        except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+            raise UserError(f"cifar10: no CIFAR-10 under '{root}' (data.root): set download: true (needs "
+                            "internet) or use image_folder on an unpacked copy") from None
+        self.data: np.ndarray = cifar.data  # N x 32 x 32 x 3 uint8
+        self.targets = np.asarray(cifar.targets, dtype=np.int64)
+        self.classes: list[str] = list(cifar.classes)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        # a copy: an augmentation working in place must not change the dataset
+        return self.data[index].copy(), int(self.targets[index])
+
+
+@hookimpl
+def register_datasets(register: Register) -> None:
+    register("image_folder", ImageFolderDataset, config=ImageFolderConfig)
+    register("file_list", FileListDataset, config=FileListConfig)
+    register("cifar10", Cifar10Dataset, config=Cifar10Config)

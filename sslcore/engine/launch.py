@@ -1,0 +1,129 @@
+"""The driver side of ``sslcore run``: prepare the run folder, then train in-process or on Ray Train."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sslcore.config import Resolved
+from sslcore.engine.context import MethodContext
+from sslcore.engine.loop import ERROR_FILE, build_method, make_spec, train_loop_per_worker
+from sslcore.engine.session import CHECKPOINT_FILE
+from sslcore.errors import ConfigError, UserError
+from sslcore.registry import Registry
+
+CONFIG_FILE = "config.yaml"
+
+
+def run_dir_of(resolved: Resolved) -> Path:
+    return Path(resolved.experiment.output_dir).expanduser().resolve() / resolved.experiment.name
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint files, oldest first (local and Ray Train checkpoints alike)."""
+    return sorted(run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"), key=lambda p: p.stat().st_mtime)
+
+
+def dry_build(resolved: Resolved, registry: Registry) -> torch.nn.Module:
+    """Build the method once on the driver, so a component that rejects its settings fails before Ray starts."""
+    experiment = resolved.as_dict()
+    context = MethodContext(world_size=resolved.experiment.scaling.num_workers, rank=0,
+                            global_batch_size=resolved.experiment.train.batch_size, steps_per_epoch=1,
+                            epochs=resolved.experiment.train.epochs, device=torch.device("cpu"),
+                            registry=registry)
+    try:
+        return build_method(experiment, registry, context)
+    except ConfigError as exc:
+        raise ConfigError(*(f"{resolved.source}: {line}" for line in exc.lines)) from None
+
+
+def prepare_run_dir(resolved: Resolved, resume: Path | None) -> Path:
+    run_dir = resume.resolve() if resume else run_dir_of(resolved)
+    if resume is None and checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
+                        f"or set a new name (--set name=...)")
+    if resume is not None and not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"--resume {resume}: no {CONFIG_FILE} there; give the folder of an earlier run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    with open(run_dir / CONFIG_FILE, "w") as f:
+        yaml.safe_dump(resolved.as_dict(), f, sort_keys=False)
+    return run_dir
+
+
+def launch(resolved: Resolved, registry: Registry, plugin_modules: list[str], resume: Path | None = None,
+           address: str | None = None) -> dict[str, Any]:
+    """Train a validated experiment; returns the last epoch's metrics."""
+    started = time.time()
+    dry_build(resolved, registry)
+    run_dir = prepare_run_dir(resolved, resume)
+    modules = [*plugin_modules, *resolved.experiment.plugins]
+    spec = make_spec(resolved.as_dict(), run_dir, modules, registry.autoload, source=resolved.source)
+    spec["launched_at"] = started
+    scaling = resolved.experiment.scaling
+    if scaling.backend == "local":
+        if scaling.num_workers != 1:
+            raise ConfigError(f"{resolved.source}: scaling.num_workers: the local backend runs one worker; "
+                              f"use backend: ray for {scaling.num_workers}")
+        return train_loop_per_worker(spec)
+    return _fit_on_ray(spec, resolved, run_dir, modules, address)
+
+
+def _fit_on_ray(spec: dict[str, Any], resolved: Resolved, run_dir: Path, modules: list[str],
+                address: str | None) -> dict[str, Any]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    scaling = resolved.experiment.scaling
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    cpus = scaling.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // scaling.num_workers)
+    spec["experiment"]["scaling"]["cpus_per_worker"] = cpus
+    runtime_env: dict[str, Any] = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+    local_modules = _uninstalled_module_paths(modules)
+    if local_modules:
+        runtime_env["py_modules"] = local_modules
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=spec,
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(
+            name=run_dir.name, storage_path=str(run_dir.parent),
+            checkpoint_config=CheckpointConfig(num_to_keep=resolved.experiment.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=0), worker_runtime_env=runtime_env),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        error = run_dir / ERROR_FILE
+        if error.exists():
+            raise UserError(*json.loads(error.read_text())["lines"]) from None
+        raise
+    finally:
+        if started_here:
+            ray.shutdown()
+    return dict(result.metrics or {})
+
+
+def _uninstalled_module_paths(modules: list[str]) -> list[str]:
+    """Folders or files of plugin modules that are importable here but not installed, for Ray's py_modules."""
+    installed = importlib.metadata.packages_distributions()
+    paths = []
+    for name in modules:
+        top = name.split(".")[0]
+        spec = importlib.util.find_spec(top)
+        if top in installed or spec is None or spec.origin is None:
+            continue
+        paths.append(spec.submodule_search_locations[0] if spec.submodule_search_locations else spec.origin)
+    return paths

@@ -1,0 +1,57 @@
+"""Rank 0's record of a run: metrics.jsonl in the run folder, aim, and a console progress bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class Tracker:
+    """Writes metrics to ``run_dir/metrics.jsonl`` and, when configured, to an aim run.
+
+    ``run_hash`` continues the aim run of an interrupted training (it is stored in checkpoints).
+    """
+
+    def __init__(self, run_dir: Path, name: str, aim_repo: str | None, aim_experiment: str | None,
+                 hparams: dict[str, Any], run_hash: str | None = None) -> None:
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 — closed in close()
+        self.aim_run = None
+        if aim_repo is not None:
+            import aim
+
+            Path(aim_repo).mkdir(parents=True, exist_ok=True)
+            self.aim_run = aim.Run(run_hash=run_hash, repo=aim_repo, experiment=aim_experiment or name,
+                                   log_system_params=False, capture_terminal_logs=False)
+            if run_hash is None:
+                self.aim_run["hparams"] = hparams
+                self.aim_run.name = name
+
+    @property
+    def run_hash(self) -> str | None:
+        return self.aim_run.hash if self.aim_run is not None else None
+
+    def log(self, metrics: dict[str, float], step: int, epoch: int, subset: str) -> None:
+        """Record scalar ``metrics`` at a global ``step``; ``subset`` is "train" or "eval"."""
+        record = {"subset": subset, "epoch": epoch, "step": step, **metrics}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+        if self.aim_run is not None:
+            for key, value in metrics.items():
+                self.aim_run.track(value, name=key, step=step, epoch=epoch, context={"subset": subset})
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        if self.aim_run is not None:
+            self.aim_run.close()
+
+
+def progress_bar(total: int, under_ray: bool) -> Any:
+    """A tqdm bar; under Ray, Ray's own tqdm, which the driver renders for its workers."""
+    if under_ray:
+        from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+        return ray_tqdm(total=total, unit="step")
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", dynamic_ncols=True)

@@ -1,0 +1,92 @@
+"""The moco_v2 augmentation: view shapes, reproducible seeding, deterministic eval, blur only for large sizes."""
+
+from __future__ import annotations
+
+import pickle
+
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from sslcore.components.augmentations import MoCoV2Augmentation, MoCoV2Config
+
+
+@pytest.fixture
+def image() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+
+
+def moco_v2(**params) -> MoCoV2Augmentation:
+    return MoCoV2Augmentation(MoCoV2Config(**params))
+
+
+def test_views_are_two_normalized_float_tensors(image):
+    augmentation = moco_v2(size=32)
+    views = augmentation.views(image)
+    assert augmentation.num_views == 2 and len(views) == 2
+    for view in views:
+        assert view.shape == (3, 32, 32) and view.dtype == torch.float32
+    assert not torch.equal(views[0], views[1])
+    assert views[0].min() < 0 < views[0].max()  # normalized, not in [0, 1]
+
+
+def test_set_seed_makes_views_reproducible(image):
+    augmentation = moco_v2(size=32)
+    augmentation.set_seed(7)
+    first = [augmentation.views(image) for _ in range(3)]
+    augmentation.set_seed(7)
+    again = [augmentation.views(image) for _ in range(3)]
+    for views, views_again in zip(first, again, strict=True):
+        for view, view_again in zip(views, views_again, strict=True):
+            assert torch.equal(view, view_again)
+    augmentation.set_seed(8)
+    assert not torch.equal(augmentation.views(image)[0], first[0][0])
+
+
+def test_seeded_transforms_draw_independently(image):
+    """With one seed for all transforms, albumentations would flip every grayscale view."""
+    augmentation = moco_v2(size=32)
+    augmentation.set_seed(0)
+    compose = augmentation.train_transform
+    compose.save_applied_params = True
+    gray_not_flipped = 0
+    for _ in range(400):
+        applied = {name for name, _ in compose(image=image)["applied_transforms"]}
+        gray_not_flipped += {"ToGray"} <= applied and "HorizontalFlip" not in applied
+    assert gray_not_flipped > 10  # expected about 400 x 0.2 x 0.5 = 40
+
+
+def test_pickled_copy_continues_identically(image):
+    augmentation = moco_v2(size=32)
+    augmentation.set_seed(3)
+    copy = pickle.loads(pickle.dumps(augmentation))
+    assert torch.equal(augmentation.views(image)[1], copy.views(image)[1])
+
+
+def test_eval_is_deterministic_center_crop(image):
+    augmentation = moco_v2(size=32)
+    out = augmentation.eval(image)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert torch.equal(out, augmentation.eval(image))
+    large = moco_v2(size=224).eval(np.zeros((300, 400, 3), np.uint8))
+    assert large.shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize(("size", "has_blur"), [(32, False), (63, False), (64, True), (224, True)])
+def test_blur_only_from_blur_min_size(size, has_blur):
+    transforms = moco_v2(size=size).train_transform.transforms
+    assert any(isinstance(t, A.GaussianBlur) for t in transforms) == has_blur
+
+
+def test_blur_min_size_is_configurable():
+    transforms = moco_v2(size=32, blur_min_size=0).train_transform.transforms
+    assert any(isinstance(t, A.GaussianBlur) for t in transforms)
+
+
+@pytest.mark.parametrize("params", [{"scale": (0.9, 0.2)}, {"scale": (0.0, 1.0)}, {"std": (0.2, 0.0, 0.2)},
+                                    {"size": 0}, {"sizes": 32}])
+def test_invalid_config_is_rejected(params):
+    with pytest.raises(ValidationError):
+        MoCoV2Config(**params)
