@@ -281,12 +281,14 @@ def resolve(data: dict[str, Any], registry: Registry, source: str = "<experiment
     method = _validate_block(errors, registry, "method", ("method",), data.get("method"))
     if method is not None:
         blocks["method"] = method
-        slots = registry.get("method", method["name"]).extra.get("slots", {})
+    method_name = data["method"].get("name") if isinstance(data.get("method"), dict) else None
+    if method_name in registry.components["method"]:  # check the slots even when the method's params fail
+        slots = registry.get("method", method_name).extra.get("slots", {})
         for slot, kind in SLOT_KINDS.items():
             given = data.get(slot)
             if slot not in slots:
                 if given is not None:
-                    errors.add((slot,), f"method '{method['name']}' does not use a '{slot}' block; remove it "
+                    errors.add((slot,), f"method '{method_name}' does not use a '{slot}' block; remove it "
                                         f"(it uses: {', '.join(slots) or 'none'})")
                 continue
             block = _merge_default(slots[slot], given)

@@ -1,4 +1,4 @@
-"""The moco_v2 augmentation: view shapes, reproducible seeding, deterministic eval, blur only for large sizes."""
+"""The moco_v2 augmentation: view shapes, reproducible seeding, deterministic eval, blur only when large."""
 
 from __future__ import annotations
 

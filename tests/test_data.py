@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def test_image_folder_refuses_images_beside_class_folders(folder, cifar10_subset
     root = tmp_path / "mixed"
     shutil.copytree(cifar10_subset["test"] / "frog", root / "frog")
     shutil.copy(next((cifar10_subset["test"] / "dog").iterdir()), root / "stray.jpg")
-    with pytest.raises(UserError, match="stray.jpg.*labeled: false"):
+    with pytest.raises(UserError, match=r"stray\.jpg.*labeled: false"):
         folder(root)
     assert len(folder(root, labeled=False)) == 11
 
@@ -110,7 +111,7 @@ def test_image_folder_refuses_images_beside_class_folders(folder, cifar10_subset
 def test_image_folder_empty_or_missing_names_the_folder(folder, tmp_path):
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     for root in (tmp_path / "empty", tmp_path / "missing"):
-        with pytest.raises(UserError, match=f"'{root}'.*data.root"):
+        with pytest.raises(UserError, match=re.escape(f"'{root}' (data.root)")):
             folder(root)
 
 
@@ -190,12 +191,12 @@ def test_file_list_relative_absolute_and_comments(registry, cifar10_subset, tmp_
 def test_file_list_missing_or_empty(registry, tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
     for name in ("missing.txt", "empty.txt"):
-        with pytest.raises(UserError, match=f"'{tmp_path / name}'.*data.path"):
+        with pytest.raises(UserError, match=re.escape(f"'{tmp_path / name}'") + r".*\(data\.path\)"):
             build_dataset(registry, {"name": "file_list", "path": str(tmp_path / name)})
 
 
 def test_cifar10_missing_without_download_names_root(registry, tmp_path):
-    with pytest.raises(UserError, match=f"no CIFAR-10 under '{tmp_path}'.*download: true"):
+    with pytest.raises(UserError, match=re.escape(f"no CIFAR-10 under '{tmp_path}'") + ".*download: true"):
         build_dataset(registry, {"name": "cifar10", "root": str(tmp_path), "download": False})
     assert list(tmp_path.iterdir()) == []
 
@@ -209,10 +210,10 @@ def test_seed_worker_makes_augmented_batches_reproducible(folder, cifar10_subset
 
     run, rerun = batches(0), batches(0)
     assert len(run) == 4
-    for (views, labels), (views_again, labels_again) in zip(run, rerun, strict=False):
+    for (views, labels), (views_again, labels_again) in zip(run, rerun, strict=True):
         assert torch.equal(labels, labels_again)
-        assert all(torch.equal(a, b) for a, b in zip(views, views_again, strict=False))
-    assert not all(torch.equal(a[0][0], b[0][0]) for a, b in zip(run, batches(1), strict=False))
+        assert all(torch.equal(a, b) for a, b in zip(views, views_again, strict=True))
+    assert not all(torch.equal(a[0][0], b[0][0]) for a, b in zip(run, batches(1), strict=True))
 
 
 def test_seed_worker_reseeds_the_augmentation(folder, cifar10_subset):
@@ -239,4 +240,5 @@ def test_datasets_wrappers_and_errors_pickle(folder, cifar10_subset):
     assert len(views) == 2
     assert label == 3
     error = pickle.loads(pickle.dumps(UnreadableImage("/x.jpg", "OSError: truncated")))
-    assert (error.path, error.reason, str(error)) == ("/x.jpg", "OSError: truncated", "/x.jpg: OSError: truncated")
+    assert (error.path, error.reason) == ("/x.jpg", "OSError: truncated")
+    assert str(error) == "/x.jpg: OSError: truncated"

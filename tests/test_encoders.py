@@ -31,7 +31,8 @@ def test_cifar_stem_replaces_conv1_and_maxpool():
 
 def test_zero_init_residual_zeroes_last_block_norms():
     encoder = resnet18(ResNetConfig(zero_init_residual=True))
-    assert all(block.bn2.weight.abs().sum() == 0 for layer in (encoder.layer1, encoder.layer4) for block in layer)
+    last_norms = [block.bn2.weight for layer in (encoder.layer1, encoder.layer4) for block in layer]
+    assert all((weight == 0).all() for weight in last_norms)
 
 
 def torchvision_by_hand(cifar_stem: bool) -> nn.Module:

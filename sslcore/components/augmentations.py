@@ -78,7 +78,7 @@ class MoCoV2Augmentation:
             A.Normalize(mean=config.mean, std=config.std),
             A.ToTensorV2(),
         ])
-        # The ImageNet protocol resizes to 256 and crops 224; small images are only cropped to size.
+        # The ImageNet protocol resizes to 256 and crops 224; small images are resized to size and cropped.
         resize = round(size * 256 / 224) if size >= 64 else size
         self.eval_transform = A.Compose([
             A.SmallestMaxSize(max_size=resize),

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from sslcore.engine.context import EvalContext
 
 
+#: Marks a parameter that is itself a dataset block, validated by the config layer like ``data:``.
+DATASET_BLOCK = {"sslcore_kind": "dataset"}
+
+
 class KNNConfig(BaseModel):
     """Parameters of the weighted kNN evaluator."""
 
@@ -33,9 +37,11 @@ class KNNConfig(BaseModel):
                                                       "with weight exp(s / tau).")
     every_epochs: int = Field(10, ge=0, description="Evaluate every this many epochs; 0: only at the end.")
     data: dict[str, Any] = Field(description="The labelled test set, a dataset block such as "
-                                             "{name: image_folder, root: .../test}.")
+                                             "{name: image_folder, root: .../test}.",
+                                 json_schema_extra=DATASET_BLOCK)
     train_data: dict[str, Any] | None = Field(
-        None, description="The labelled memory bank, a dataset block; None: the experiment's training data.")
+        None, description="The labelled memory bank, a dataset block; None: the experiment's training data.",
+        json_schema_extra=DATASET_BLOCK)
 
 
 @torch.no_grad()
@@ -75,7 +81,7 @@ class KNNEvaluator:
         scores = knn_predict(train_features.to(context.device), train_labels, test_features, num_classes,
                              k=self.config.k, temperature=self.config.temperature)  # T x C
         ranked = scores.topk(min(5, num_classes), dim=1).indices.cpu()  # T x 5
-        hits = (ranked == test_labels.unsqueeze(1)).float()  # T x 5
+        hits = (ranked == test_labels.unsqueeze(1)).double()  # T x 5
         return {"knn_top1": hits[:, 0].mean().item(), "knn_top5": hits.sum(dim=1).mean().item()}
 
     def _labelled_features(self, backbone: nn.Module, context: EvalContext, key: str

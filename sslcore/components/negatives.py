@@ -49,7 +49,7 @@ class QueueConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     size: int = Field(65536, gt=0, description="K, the number of past keys kept as negatives; a multiple "
-                                               "of the global batch size (batch_size x workers).")
+                                               "of the global batch size (train.batch_size).")
 
 
 class QueueNegatives(nn.Module):
@@ -71,7 +71,7 @@ class QueueNegatives(nn.Module):
             above = below + global_batch_size
             fix = f"use {below} or {above}" if below else f"use {above}"
             raise ValueError(f"queue size {size} is not a multiple of the global batch size "
-                             f"{global_batch_size} (batch_size x workers): {fix}")
+                             f"{global_batch_size} (train.batch_size): {fix}")
         self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))  # K x D
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 

@@ -1,4 +1,4 @@
-"""Built-in datasets: a folder of images (``image_folder``), CIFAR-10 (``cifar10``), a list of files (``file_list``).
+"""Built-in datasets: a folder of images (``image_folder``), a list of files (``file_list``), ``cifar10``.
 
 Items are ``(image, label)``: ``image`` an H x W x 3 uint8 RGB array, ``label`` an int (-1 when unlabeled).
 """
@@ -63,6 +63,18 @@ def _scan(folder: str, extensions: tuple[str, ...]) -> list[str]:
     return sorted(found)
 
 
+def _class_files(root: str, classes: list[str], extensions: tuple[str, ...],
+                 max_per_class: int | None) -> tuple[list[str], list[int]]:
+    """The files of each class folder (the first ``max_per_class`` in sorted order) and their labels."""
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        files = _scan(os.path.join(root, name), extensions)[:max_per_class]
+        paths += [os.path.join(name, file) for file in files]
+        labels += [label] * len(files)
+    return paths, labels
+
+
 class ImageFolderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -83,7 +95,7 @@ class ImageFolderConfig(BaseModel):
 
 
 class ImageFolderDataset(ImageFiles):
-    """Images in ``root/<class>/...`` (labeled, classes sorted by name) or anywhere under ``root`` (unlabeled).
+    """Images in ``root/<class>/...`` labeled by sorted class name, or anywhere under ``root``, unlabeled.
 
     Files within a class are sorted by path, so ``max_per_class`` selects the same subset on every machine.
     """
@@ -91,7 +103,8 @@ class ImageFolderDataset(ImageFiles):
     def __init__(self, config: ImageFolderConfig) -> None:
         root = os.path.expanduser(config.root)
         extensions = tuple(config.extensions)
-        hint = f"point root at a folder of class subfolders of {'/'.join(extensions)} images"
+        layout = "class subfolders of " if config.labeled else ""
+        hint = f"point root at a folder of {layout}{'/'.join(extensions)} images"
         if not os.path.isdir(root):
             raise UserError(f"image_folder: no folder '{root}' (data.root): {hint}")
         with os.scandir(root) as entries:
@@ -102,17 +115,11 @@ class ImageFolderDataset(ImageFiles):
             raise UserError(f"image_folder: '{root}' holds both class subfolders and {len(loose)} images "
                             f"outside them (e.g. '{loose[0]}') (data.root): move those images into a class "
                             "folder, or set labeled: false to read every image unlabeled")
-        paths: list[str] = []
-        labels: list[int] = []
-        classes: list[str] = []
         if config.labeled and class_names:
             classes = class_names
-            for label, name in enumerate(classes):
-                files = [os.path.join(name, f) for f in _scan(os.path.join(root, name), extensions)]
-                files = files[:config.max_per_class]
-                paths += files
-                labels += [label] * len(files)
+            paths, labels = _class_files(root, classes, extensions, config.max_per_class)
         else:
+            classes = []
             paths = _scan(root, extensions)[:config.max_per_class]
             labels = [-1] * len(paths)
         if not paths:

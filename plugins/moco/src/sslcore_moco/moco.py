@@ -11,10 +11,10 @@ so the keys in the queue of K negatives (the ``negatives`` slot) stay consistent
 loss (the ``loss`` slot: InfoNCE with temperature tau) contrasts q with its k and the negatives. v2 swaps
 the linear head for an MLP (``mlp``) and uses stronger augmentation and tau = 0.2.
 
-Shuffling BN. Batch statistics let a sample's key "see" the other samples of its batch. If q and k were
-normalized with statistics of the same images, the pair could be found through those statistics instead
-of through the content of the image. So the key batch is shuffled before f_k, giving keys different BN
-groups from their queries, and restored afterwards:
+Shuffling BN. BatchNorm statistics carry information between the samples of a batch. If a query and its
+key are normalized with statistics of the same images, the model can find the positive through that leak
+instead of learning good features (the "cheating" of the paper). So the key batch is shuffled before f_k,
+which normalizes each key with statistics of other images than its query's, and restored after:
 
 - ``gather`` (several workers, the official code): the key images of all workers are gathered, permuted
   with one permutation drawn by rank 0, and each worker encodes a slice of them;
@@ -88,6 +88,9 @@ class SplitBatchNorm(nn.BatchNorm2d):
         if n % s:
             raise ValueError(f"SplitBatchNorm: a batch of {n} does not split into {s} groups; "
                              f"use a per-worker batch size divisible by bn_splits={s}")
+        if n // s * h * w == 1:
+            raise ValueError(f"SplitBatchNorm: {s} groups of one {h}x{w} sample leave one value per channel for "
+                             f"the batch statistics; use a larger batch size or a smaller bn_splits")
         running_mean = running_var = weight = bias = None
         if self.running_mean is not None:  # each group updates its own copy; the copies are averaged below
             running_mean, running_var = self.running_mean.repeat(s), self.running_var.repeat(s)
@@ -143,7 +146,7 @@ class MoCo(nn.Module):
         # f_k starts as an exact copy of f_q and is only ever changed by the momentum update
         self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.key_head = copy.deepcopy(self.head).requires_grad_(False)
-        self.negatives = negatives
+        self.negative_source = negatives
         self.loss = loss
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -152,9 +155,9 @@ class MoCo(nn.Module):
         with torch.no_grad():
             self.momentum_update_key_encoder()
             k = self.keys(im_k)  # k: N x D, row i the positive of q row i
-        negatives, exclude = self.negatives(q, k)  # negatives: K x D, exclude: N x K or None
+        negatives, exclude = self.negative_source.negatives(q, k)  # negatives: K x D, exclude: N x K or None
         loss = self.loss(q, k, negatives, exclude)
-        self.negatives.update(k)
+        self.negative_source.update(k)
         return {"loss": loss}
 
     @torch.no_grad()
@@ -171,11 +174,12 @@ class MoCo(nn.Module):
             return self._keys_shuffled_across_workers(im_k)
         if self.shuffle_bn == "split":
             perm = torch.randperm(im_k.shape[0], device=im_k.device)
-            k = self._encode_keys(im_k[perm])  # k row j is the key of image perm[j]
+            k = self.encode_keys(im_k[perm])  # k row j is the key of image perm[j]
             return k[torch.argsort(perm)]
-        return self._encode_keys(im_k)
+        return self.encode_keys(im_k)
 
-    def _encode_keys(self, im_k: torch.Tensor) -> torch.Tensor:
+    def encode_keys(self, im_k: torch.Tensor) -> torch.Tensor:
+        """f_k(x^k) / ||f_k(x^k)||: N x D, the batch encoded as it is (no shuffling)."""
         return F.normalize(self.key_head(self.key_backbone(im_k)).float(), dim=1)
 
     def _keys_shuffled_across_workers(self, im_k: torch.Tensor) -> torch.Tensor:
@@ -183,9 +187,9 @@ class MoCo(nn.Module):
         im_all = concat_all_gather(im_k.contiguous())  # (workers N) x 3 x H x W, in rank order
         perm = (torch.randperm(im_all.shape[0], device=im_k.device) if r == 0
                 else torch.empty(im_all.shape[0], dtype=torch.long, device=im_k.device))
-        broadcast(perm, src=0)  # one permutation for all workers
+        perm = torch.randperm(im_all.shape[0])
         mine = im_all[perm.view(workers, n)[r]].contiguous(memory_format=_memory_format(im_k))
-        k_all = concat_all_gather(self._encode_keys(mine))  # k_all row j is the key of global image perm[j]
+        k_all = concat_all_gather(self.encode_keys(mine))  # k_all row j is the key of global image perm[j]
         unshuffle = torch.argsort(perm)  # k_all row unshuffle[g] is the key of global image g
         return k_all[unshuffle.view(workers, n)[r]]
 

@@ -1,0 +1,243 @@
+"""MoCo v2 on real torch and torchvision ResNets, with sslcore's built-in queue and InfoNCE; a real 2-process
+gloo group for the cross-worker shuffling BN."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from sslcore_moco import MoCo, MoCoConfig, SplitBatchNorm, convert_split_batchnorm
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sslcore.components.encoders import plain_torchvision_resnet
+from sslcore.engine.context import MethodContext
+from sslcore.registry import Registry
+
+BATCH = 16  # per worker
+SIZE = 16  # px
+
+
+def build_moco(registry: Registry, *, world_size: int = 1, rank: int = 0, batch: int = BATCH,
+               queue: int = 64, **method) -> MoCo:
+    config = MoCoConfig(dim=16, head_hidden_dim=32, **method)
+    context = MethodContext(world_size=world_size, rank=rank, global_batch_size=batch * world_size,
+                            steps_per_epoch=1, epochs=1, device=torch.device("cpu"))
+    encoder = registry.get("encoder", "resnet18").build({"cifar_stem": True})
+    negatives = registry.get("negative_source", "queue").build(
+        {"size": queue}, dim=config.dim, global_batch_size=context.global_batch_size)
+    loss = registry.get("loss", "info_nce").build({"temperature": 0.2})
+    return MoCo(config, context=context, encoder=encoder, negatives=negatives, loss=loss)
+
+
+def images(n: int = BATCH, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, SIZE, SIZE, generator=generator)
+
+
+def query_parameters(model: MoCo) -> list[torch.Tensor]:
+    return [*model.backbone.parameters(), *model.head.parameters()]
+
+
+def key_parameters(model: MoCo) -> list[torch.Tensor]:
+    return [*model.key_backbone.parameters(), *model.key_head.parameters()]
+
+
+def test_key_encoder_starts_as_a_copy_and_gets_no_gradient(registry: Registry) -> None:
+    torch.manual_seed(0)
+    model = build_moco(registry)
+    theta_q, theta_k = query_parameters(model), key_parameters(model)
+    assert len(theta_q) == len(theta_k)
+    for p_q, p_k in zip(theta_q, theta_k):
+        assert torch.equal(p_q, p_k) and p_q.data_ptr() != p_k.data_ptr()
+        assert p_q.requires_grad and not p_k.requires_grad
+
+    model.train()
+    model([images(seed=1), images(seed=2)])["loss"].backward()
+    assert all(p.grad is not None for p in theta_q)
+    assert all(p.grad is None for p in theta_k)
+
+
+def test_momentum_update_follows_the_formula(registry: Registry) -> None:
+    torch.manual_seed(0)
+    m = 0.9
+    model = build_moco(registry, momentum=m)
+    with torch.no_grad():  # as after an optimizer step: theta_q moved away from theta_k
+        for p in query_parameters(model):
+            p.add_(torch.randn_like(p))
+    theta_q = [p.clone() for p in query_parameters(model)]
+    theta_k = [p.clone() for p in key_parameters(model)]
+
+    model.momentum_update_key_encoder()
+
+    for p_k, before_q, before_k in zip(key_parameters(model), theta_q, theta_k):
+        torch.testing.assert_close(p_k, m * before_k + (1 - m) * before_q)
+    for p_q, before_q in zip(query_parameters(model), theta_q):
+        assert torch.equal(p_q, before_q)
+
+
+def test_the_key_encoder_is_updated_before_it_encodes_the_keys(registry: Registry) -> None:
+    torch.manual_seed(0)
+    model = build_moco(registry, momentum=0.0)  # m = 0: theta_k becomes theta_q
+    with torch.no_grad():
+        for p in query_parameters(model):
+            p.add_(torch.randn_like(p))
+    seen: list[torch.Tensor] = []
+    model.key_head.register_forward_hook(lambda module, args, out: seen.append(module[0].weight.clone()))
+    model([images(seed=1), images(seed=2)])
+    assert torch.equal(seen[0], model.head[0].weight)
+
+
+def test_split_batchnorm_normalizes_each_group_with_its_own_statistics() -> None:
+    torch.manual_seed(0)
+    splits, n, c = 4, 12, 3
+    bn = SplitBatchNorm(c, num_splits=splits)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(n, c, 5, 5) * 3 + 1
+
+    out = bn(x)
+
+    expected = torch.empty_like(x)
+    expected_mean, expected_var = torch.zeros(c), torch.zeros(c)
+    for g in range(splits):  # group g: samples g, g + splits, g + 2 splits, ...
+        group = x[g::splits]
+        expected[g::splits] = F.batch_norm(group, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+        expected_mean += (0.9 * 0 + 0.1 * group.mean(dim=(0, 2, 3))) / splits
+        expected_var += (0.9 * 1 + 0.1 * group.var(dim=(0, 2, 3), unbiased=True)) / splits
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(bn.running_mean, expected_mean)
+    torch.testing.assert_close(bn.running_var, expected_var)
+    assert int(bn.num_batches_tracked) == 1
+
+    channels_last = bn(x.contiguous(memory_format=torch.channels_last))
+    assert channels_last.is_contiguous(memory_format=torch.channels_last)
+
+    plain = nn.BatchNorm2d(c)
+    assert list(bn.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(bn.state_dict())
+    torch.testing.assert_close(bn.eval()(x), plain.eval()(x))
+
+
+def test_split_batchnorm_refuses_groups_too_small_for_batch_statistics() -> None:
+    bn = SplitBatchNorm(3, num_splits=4)
+    with pytest.raises(ValueError, match="use a larger batch size or a smaller bn_splits"):
+        bn(torch.randn(4, 3, 1, 1))
+    with pytest.raises(ValueError, match="divisible by bn_splits=4"):
+        bn(torch.randn(6, 3, 2, 2))
+
+
+def test_converted_backbone_keeps_its_weights_and_loads_into_plain_torchvision(registry: Registry) -> None:
+    encoder = registry.get("encoder", "resnet18").build({"cifar_stem": True})
+    before = {name: value.clone() for name, value in encoder.state_dict().items()}
+    converted = convert_split_batchnorm(encoder, num_splits=4)
+    norms = [m for m in converted.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(isinstance(m, SplitBatchNorm) and m.num_splits == 4 for m in norms)
+    after = converted.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    plain_torchvision_resnet("resnet18", cifar_stem=True).load_state_dict(after, strict=True)
+
+
+def test_split_shuffle_returns_keys_in_the_order_of_their_images(registry: Registry) -> None:
+    torch.manual_seed(0)
+    model = build_moco(registry, shuffle_bn="split", bn_splits=4)
+    im_k = images(seed=3)
+    seen: list[torch.Tensor] = []
+    model.key_backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    model.eval()  # running statistics: a key depends on its image alone, so the order can be checked
+
+    k = model.keys(im_k)
+
+    assert not torch.equal(seen[0], im_k), "the key encoder saw the batch unshuffled"
+    torch.testing.assert_close(k, model.encode_keys(im_k))
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_forward_backward_on_tiny_images_advances_the_queue(registry: Registry, autocast) -> None:
+    torch.manual_seed(0)
+    model = build_moco(registry).train()  # auto -> split with one worker
+    assert model.shuffle_bn == "split"
+    views = [images(seed=s).contiguous(memory_format=torch.channels_last) for s in (1, 2)]
+    model = model.to(memory_format=torch.channels_last)
+    queue_before = model.negative_source.queue.clone()
+
+    with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+        out = model(views)
+    out["loss"].backward()
+
+    loss = out["loss"]
+    assert loss.dim() == 0 and loss.dtype == torch.float32 and torch.isfinite(loss)
+    grad = model.backbone.conv1.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert int(model.negative_source.ptr) == BATCH
+    queue = model.negative_source.queue
+    assert queue.dtype == torch.float32
+    assert not torch.equal(queue[:BATCH], queue_before[:BATCH])
+    assert torch.equal(queue[BATCH:], queue_before[BATCH:])
+    torch.testing.assert_close(queue[:BATCH].norm(dim=1), torch.ones(BATCH))
+
+
+def test_bn_splits_must_divide_the_per_worker_batch(registry: Registry) -> None:
+    with pytest.raises(ValueError, match=r"per-worker batch size \(16\) divisible by bn_splits \(3\)"):
+        build_moco(registry, bn_splits=3)
+
+
+def test_gather_needs_several_workers(registry: Registry) -> None:
+    with pytest.raises(ValueError, match="use shuffle_bn: auto or split"):
+        build_moco(registry, shuffle_bn="gather")
+
+
+def test_the_installed_entry_point_registers_moco() -> None:
+    component = Registry(autoload=True).get("method", "moco")
+    assert component.distribution == "sslcore-moco"
+    assert component.factory is MoCo
+    assert set(component.extra["slots"]) == {"encoder", "augmentation", "negatives", "loss"}
+
+
+def _gather_worker(rank: int, init_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # same initial weights on both workers, as the engine seeds them
+        model = build_moco(Registry(autoload=False), world_size=2, rank=rank, batch=8, queue=32)
+        assert model.shuffle_bn == "gather"
+        im_k = images(8, seed=10 + rank)  # each worker has its own images
+        torch.manual_seed(100 + rank)  # different generators: only rank 0's permutation may count
+
+        seen: list[torch.Tensor] = []
+        model.key_backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        model.eval()
+        k = model.keys(im_k)
+
+        # Every image of both workers was encoded exactly once: one permutation, shared by both workers.
+        everyone = torch.cat([images(8, seed=10), images(8, seed=11)])
+        encoded = seen[0].new_empty((16, *seen[0].shape[1:]))
+        dist.all_gather_into_tensor(encoded, seen[0].contiguous())
+        order = torch.cdist(encoded.flatten(1), everyone.flatten(1)).argmin(dim=1)
+        assert torch.equal(encoded, everyone[order])
+        assert torch.equal(order.sort().values, torch.arange(16)), f"not one permutation: {order}"
+        assert not torch.equal(order, torch.arange(16)), "keys were not shuffled across workers"
+        # ... and each worker got back the key of its own image i in row i.
+        torch.testing.assert_close(k, model.encode_keys(im_k))
+
+        ddp = DistributedDataParallel(model.train())
+        for step in range(2):
+            views = [images(8, seed=20 + 2 * rank + step), images(8, seed=30 + 2 * rank + step)]
+            ddp(views)["loss"].backward()
+        state = torch.cat([p.flatten() for p in key_parameters(model)] + [model.negative_source.queue.flatten()])
+        other = [torch.empty_like(state) for _ in range(2)]
+        dist.all_gather(other, state)
+        assert torch.equal(other[0], other[1]), "key encoders or queues diverged across workers"
+        assert int(model.negative_source.ptr) == 0  # 2 steps x 16 keys = the whole queue of 32
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_shuffles_keys_across_two_real_workers(tmp_path: Path) -> None:
+    mp.spawn(_gather_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)
