@@ -21,7 +21,8 @@ class Tracker:
             import aim
 
             Path(aim_repo).mkdir(parents=True, exist_ok=True)
-            self.aim_run = aim.Run(run_hash=run_hash, repo=aim_repo, experiment=aim_experiment or name,
+            repo = aim.Repo.from_path(aim_repo, init=True)
+            self.aim_run = aim.Run(run_hash=run_hash, repo=repo, experiment=aim_experiment or name,
                                    log_system_params=False, capture_terminal_logs=False)
             if run_hash is None:
                 self.aim_run["hparams"] = hparams

@@ -117,6 +117,7 @@ def test_split_batchnorm_normalizes_each_group_with_its_own_statistics() -> None
 
     channels_last = bn(x.contiguous(memory_format=torch.channels_last))
     assert channels_last.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(channels_last, expected)
 
     plain = nn.BatchNorm2d(c)
     assert list(bn.state_dict()) == list(plain.state_dict())

@@ -187,7 +187,7 @@ class MoCo(nn.Module):
         im_all = concat_all_gather(im_k.contiguous())  # (workers N) x 3 x H x W, in rank order
         perm = (torch.randperm(im_all.shape[0], device=im_k.device) if r == 0
                 else torch.empty(im_all.shape[0], dtype=torch.long, device=im_k.device))
-        perm = torch.randperm(im_all.shape[0])
+        broadcast(perm, src=0)  # one permutation for all workers
         mine = im_all[perm.view(workers, n)[r]].contiguous(memory_format=_memory_format(im_k))
         k_all = concat_all_gather(self.encode_keys(mine))  # k_all row j is the key of global image perm[j]
         unshuffle = torch.argsort(perm)  # k_all row unshuffle[g] is the key of global image g
