@@ -125,7 +125,7 @@ def _check_method(registry: Registry, name: str, build: Callable[..., Any], tmp:
     from sslcore.engine.loop import build_method
 
     component = registry.get("method", name)
-    batch = 8
+    batch = 16  # MoCo's default 8 BN groups need at least 2 samples each
     experiment: dict[str, Any] = {"method": {"name": name, **component.config().model_dump(mode="json")}}
     for slot, default in component.extra.get("slots", {}).items():
         block = dict(default)

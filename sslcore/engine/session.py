@@ -82,7 +82,9 @@ class RaySession(Session):
         self.device = ray.train.torch.get_device()
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return self._torch.prepare_model(model)
+        # Buffers need no broadcast each step: queues and memory banks are kept identical by gathering
+        # keys, and BatchNorm statistics stay per worker as in the official multi-GPU recipes.
+        return self._torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
 
     def prepare_loader(self, loader: DataLoader) -> DataLoader:
         return self._torch.prepare_data_loader(loader)

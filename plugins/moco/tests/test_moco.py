@@ -227,9 +227,10 @@ def _gather_worker(rank: int, init_file: str) -> None:
         # ... and each worker got back the key of its own image i in row i.
         torch.testing.assert_close(k, model.encode_keys(im_k))
 
-        ddp = DistributedDataParallel(model.train())
+        ddp = DistributedDataParallel(model.train().to(memory_format=torch.channels_last))
         for step in range(2):
-            views = [images(8, seed=20 + 2 * rank + step), images(8, seed=30 + 2 * rank + step)]
+            views = [images(8, seed=seed + 2 * rank + step).contiguous(memory_format=torch.channels_last)
+                     for seed in (20, 30)]
             ddp(views)["loss"].backward()
         state = torch.cat([p.flatten() for p in key_parameters(model)] + [model.negative_source.queue.flatten()])
         other = [torch.empty_like(state) for _ in range(2)]

@@ -184,7 +184,7 @@ class MoCo(nn.Module):
 
     def _keys_shuffled_across_workers(self, im_k: torch.Tensor) -> torch.Tensor:
         n, workers, r = im_k.shape[0], world_size(), rank()
-        im_all = concat_all_gather(im_k.contiguous())  # (workers N) x 3 x H x W, in rank order
+        im_all = concat_all_gather(im_k)  # (workers N) x 3 x H x W, in rank order
         perm = (torch.randperm(im_all.shape[0], device=im_k.device) if r == 0
                 else torch.empty(im_all.shape[0], dtype=torch.long, device=im_k.device))
         broadcast(perm, src=0)  # one permutation for all workers

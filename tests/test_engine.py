@@ -1,0 +1,163 @@
+"""The engine end to end on real CIFAR-10 JPEGs: resume after a crash, export, NaN, Ray with 2 workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+CLI = [sys.executable, "-m", "sslcore.cli"]
+
+
+def experiment(tmp_path: Path, subset: dict[str, Path], **overrides: object) -> Path:
+    """A small MoCo experiment on the real-image subset; ``overrides`` replace top-level sections."""
+    config = {
+        "name": "unit",
+        "output_dir": str(tmp_path / "runs"),
+        "seed": 3,
+        "method": {"name": "moco", "momentum": 0.99, "bn_splits": 2},
+        "encoder": {"name": "resnet18"},
+        "augmentation": {"name": "moco_v2", "size": 32},
+        "negatives": {"name": "queue", "size": 64},
+        "data": {"name": "image_folder", "root": str(subset["train"])},
+        "train": {"epochs": 2, "batch_size": 16, "max_steps_per_epoch": 5, "log_every_steps": 1,
+                  "optimizer": {"name": "sgd", "lr": 0.05}},
+        "scaling": {"backend": "local"},
+        "evaluators": [{"name": "knn", "k": 20, "every_epochs": 1,
+                        "data": {"name": "image_folder", "root": str(subset["test"])}}],
+        "tracking": {"aim": None, "progress_bar": False},
+        "plugins": ["sslcore_moco.plugin"],
+    }
+    config.update(overrides)
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "SSLCORE_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def train_losses(run_dir: Path, epoch: int) -> list[float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if r["subset"] == "train" and r["epoch"] == epoch]
+
+
+def test_resume_after_a_crash_repeats_the_uninterrupted_run(tmp_path: Path, cifar10_subset: dict) -> None:
+    (tmp_path / "a").mkdir()
+    straight = experiment(tmp_path / "a", cifar10_subset)
+    out = run("run", str(straight))
+    assert out.returncode == 0, out.stderr[-3000:]
+    expected = train_losses(tmp_path / "a" / "runs" / "unit", epoch=1)
+    assert len(expected) == 5
+
+    (tmp_path / "b").mkdir()
+    crashed = experiment(tmp_path / "b", cifar10_subset)
+    run_dir = tmp_path / "b" / "runs" / "unit"
+    process = subprocess.Popen([*CLI, "run", str(crashed)], env=env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoint_000000" / "state.pt").exists():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # dies during epoch 2, as a crash or a lost machine would
+    process.wait()
+    assert not (run_dir / "checkpoint_000001").exists(), "epoch 2 finished before the kill; the test is void"
+
+    out = run("run", "--resume", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming" in out.stdout
+    resumed = train_losses(run_dir, epoch=1)[-5:]
+    assert resumed == expected  # bit for bit: same data order, augmentations, queue and optimizer state
+
+
+def test_run_refuses_to_overwrite_and_export_loads_into_plain_torchvision(
+        tmp_path: Path, cifar10_subset: dict) -> None:
+    path = experiment(tmp_path, cifar10_subset, train={"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 2})
+    out = run("run", str(path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "unit"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 0.0 <= summary["final"]["knn_top1"] <= 1.0
+    assert {"config.yaml", "metrics.jsonl", "backbone.pt", "checkpoint_000000"} <= {p.name for p in run_dir.iterdir()}
+
+    again = run("run", str(path))
+    assert again.returncode == 2
+    assert f"{run_dir} already holds a run: pass --resume" in again.stderr
+
+    exported = tmp_path / "backbone.pt"
+    out = run("export", str(run_dir), "-o", str(exported))
+    assert out.returncode == 0, out.stderr[-3000:]
+    check = textwrap.dedent(f"""
+        import sys, torch, torchvision
+        model = torchvision.models.resnet18()
+        model.fc = torch.nn.Identity()
+        model.load_state_dict(torch.load({str(exported)!r}, weights_only=True))
+        final = torch.load({str(run_dir / 'backbone.pt')!r}, weights_only=True)
+        assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
+        assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+        assert not any(m.startswith("sslcore") for m in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path: Path, cifar10_subset: dict) -> None:
+    path = experiment(tmp_path, cifar10_subset)
+    out = run("run", str(path), "--set", "train.optimizer.lr=1.0e+30", "--set", "checkpoint.every_epochs=1")
+    assert out.returncode == 2, out.stderr[-3000:]
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+    assert "loss is nan" in line.lower() and "train.optimizer.lr" in line
+    assert "Traceback" not in out.stderr
+
+
+def test_corrupt_image_is_skipped_during_training(tmp_path: Path, cifar10_subset: dict) -> None:
+    images = tmp_path / "images" / "cls"
+    images.mkdir(parents=True)
+    for src in sorted((cifar10_subset["train"] / "airplane").iterdir())[:15] + sorted(
+            (cifar10_subset["train"] / "bird").iterdir())[:8]:  # 23 real images and a broken one: 3 batches of 8
+        (images / f"{src.parent.name}_{src.name}").symlink_to(src.resolve())
+    (images / "broken.jpg").write_bytes(b"not a jpeg at all")
+    path = experiment(tmp_path, cifar10_subset, data={"name": "image_folder", "root": str(images.parent)},
+                      evaluators=[], train={"epochs": 1, "batch_size": 8})
+    out = run("run", str(path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "skipping unreadable image" in out.stderr and "broken.jpg" in out.stderr
+
+
+def test_empty_data_folder_is_a_user_error(tmp_path: Path, cifar10_subset: dict) -> None:
+    (tmp_path / "empty").mkdir()
+    path = experiment(tmp_path, cifar10_subset, data={"name": "image_folder", "root": str(tmp_path / "empty")})
+    out = run("run", str(path))
+    assert out.returncode == 2
+    assert "no images" in out.stderr and str(tmp_path / "empty") in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.ray
+def test_ray_train_with_two_cpu_workers(tmp_path: Path, cifar10_subset: dict) -> None:
+    path = experiment(tmp_path, cifar10_subset, scaling={"backend": "ray", "num_workers": 2},
+                      method={"name": "moco", "momentum": 0.99, "shuffle_bn": "auto"},
+                      tracking={"aim": {"repo": str(tmp_path / "aim")}, "progress_bar": True})
+    out = run("run", str(path), timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    run_dir = tmp_path / "runs" / "unit"
+    assert len(train_losses(run_dir, epoch=1)) == 5
+    assert sorted(p.name.startswith("checkpoint_") for p in run_dir.iterdir()).count(True) == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["startup_seconds"] > 0
+    assert 0.0 <= summary["final"]["knn_top1"] <= 1.0
+    assert (tmp_path / "aim" / ".aim").is_dir()
