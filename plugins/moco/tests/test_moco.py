@@ -243,3 +243,13 @@ def _gather_worker(rank: int, init_file: str) -> None:
 
 def test_gather_shuffles_keys_across_two_real_workers(tmp_path: Path) -> None:
     mp.spawn(_gather_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)
+
+
+def test_moco_meets_the_method_contract(registry: Registry) -> None:
+    from sslcore.testing import check_component
+
+    registry.add_module("sslcore_moco.plugin")
+    try:
+        check_component(registry, "method", "moco")
+    finally:
+        registry.remove_plugin("sslcore_moco.plugin")

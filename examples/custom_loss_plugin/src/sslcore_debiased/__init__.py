@@ -1,0 +1,47 @@
+"""Debiased contrastive loss (Chuang et al., "Debiased Contrastive Learning", NeurIPS 2020).
+
+Some "negatives" of an instance-discrimination loss share the query's class. With class prior tau+,
+the debiased estimate of the negatives' term replaces the plain sum over the N negatives:
+
+    Ng = max((sum_j exp(q.n_j / t) - N tau+ exp(q.k / t)) / (1 - tau+),  N exp(-1 / t))
+    loss = -log(exp(q.k / t) / (exp(q.k / t) + Ng))
+
+Same call as sslcore's ``info_nce``, so it drops into MoCo (or any method using that signature).
+"""
+
+import math
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from sslcore import hookimpl
+
+
+class DebiasedConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.2, gt=0, description="t, the softmax temperature.")
+    tau_plus: float = Field(0.1, ge=0, lt=1, description="tau+, the prior probability of a same-class negative.")
+
+
+class DebiasedInfoNCELoss(torch.nn.Module):
+    def __init__(self, config: DebiasedConfig) -> None:
+        super().__init__()
+        self.t, self.tau_plus = config.temperature, config.tau_plus
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
+                exclude: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, negatives = q.float(), k.float(), negatives.float()
+        pos = torch.exp((q * k).sum(1) / self.t)  # N
+        neg = torch.exp(q @ negatives.T / self.t)  # N x K
+        if exclude is not None:
+            neg = neg.masked_fill(exclude, 0.0)
+        count = negatives.shape[0] - (exclude.sum(1) if exclude is not None else 0)  # N (or scalar)
+        ng = (neg.sum(1) - count * self.tau_plus * pos) / (1 - self.tau_plus)
+        ng = torch.maximum(ng, count * torch.tensor(math.exp(-1 / self.t)))
+        return -torch.log(pos / (pos + ng)).mean()
+
+
+@hookimpl
+def register_losses(register):
+    register("debiased_info_nce", DebiasedInfoNCELoss, config=DebiasedConfig)
