@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,8 @@ def _fit_on_ray(spec: dict[str, Any], resolved: Resolved, run_dir: Path, modules
     scaling = resolved.experiment.scaling
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False,
+                 runtime_env={"worker_process_setup_hook": "sslcore.engine.launch.quiet_ray_worker"})
     cpus = scaling.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // scaling.num_workers)
     spec["experiment"]["scaling"]["cpus_per_worker"] = cpus
     runtime_env: dict[str, Any] = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
@@ -114,6 +116,13 @@ def _fit_on_ray(spec: dict[str, Any], resolved: Resolved, run_dir: Path, modules
         if started_here:
             ray.shutdown()
     return dict(result.metrics or {})
+
+
+def quiet_ray_worker() -> None:
+    """Runs in each Ray worker process: without Ray's dashboard (not installed by ray[train]) the state API
+    is absent, and Ray Train's placement-group cleaner would warn about it every second."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
+        logging.ERROR)
 
 
 def _uninstalled_module_paths(modules: list[str]) -> list[str]:
