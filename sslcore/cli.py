@@ -11,8 +11,13 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sslcore.errors import UserError
+
+if TYPE_CHECKING:  # imported lazily at run time, to keep --help fast
+    from sslcore.config import Resolved
+    from sslcore.registry import Registry
 
 EXIT_USER_ERROR = 2
 
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _registry(args: argparse.Namespace):  # noqa: ANN202 — imported lazily to keep --help fast
+def _registry(args: argparse.Namespace) -> Registry:
     from sslcore.registry import Registry
 
     registry = Registry(modules=args.plugin)
@@ -73,7 +78,7 @@ def _registry(args: argparse.Namespace):  # noqa: ANN202 — imported lazily to 
     return registry
 
 
-def _load(args: argparse.Namespace, registry):  # noqa: ANN001, ANN202
+def _load(args: argparse.Namespace, registry: Registry) -> Resolved:
     from sslcore.config import load_experiment
 
     return load_experiment(args.file, registry, args.overrides)
@@ -135,7 +140,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kind(registry, kind: str) -> str:  # noqa: ANN001
+def _kind(registry: Registry, kind: str) -> str:
     from sslcore.registry import did_you_mean
 
     aliases = {"negatives": "negative_source", "data": "dataset", "augmentations": "augmentation"}
@@ -145,7 +150,7 @@ def _kind(registry, kind: str) -> str:  # noqa: ANN001
     return kind
 
 
-def _names(registry, kind: str) -> list[str]:  # noqa: ANN001
+def _names(registry: Registry, kind: str) -> list[str]:
     return registry.names(_kind(registry, kind))
 
 

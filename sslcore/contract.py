@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from sslcore.engine.context import EvalContext, MethodContext
+from sslcore.errors import UserError
 from sslcore.registry import SLOT_KINDS, Registry
 
 
@@ -86,8 +87,14 @@ def _check_loss(registry: Registry, name: str, build: Callable[..., Any], tmp: P
 
 
 def _check_dataset(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
-    if name == "cifar10":
-        return  # needs the CIFAR-10 binaries; tested on its own (no download in tests)
+    if name == "cifar10":  # needs the CIFAR-10 binaries, and tests never download: the missing-data error
+        try:
+            build({"root": str(tmp / "no_cifar"), "download": False})
+        except UserError as exc:
+            if "download: true" not in str(exc):
+                raise AssertionError(f"{name}: the missing-data error must say how to fix it: {exc}") from None
+            return
+        raise AssertionError(f"{name}: building without data and without download must be a UserError")
     root = _image_folder(tmp / "images")
     params = {"root": str(root)}
     if name == "file_list":

@@ -140,7 +140,7 @@ class Registry:
                 continue  # the same distribution seen twice on sys.path
             try:
                 obj = ep.load()
-            except Exception as exc:  # noqa: BLE001 — any import failure is the plugin's, not ours
+            except Exception as exc:
                 self._record_failure(ep.name, dist, version, "entry_point", ep.value, exc)
                 continue
             self.add_plugin(obj, name=ep.name, distribution=dist, version=version, source="entry_point")
@@ -152,7 +152,7 @@ class Registry:
                 return info
         try:
             module = importlib.import_module(module_name)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return self._record_failure(module_name, module_name, "", source, module_name, exc)
         dist, version = _distribution_of(module_name) if source != "builtin" else ("sslcore", _own_version())
         return self.add_plugin(module, name=module_name, distribution=dist, version=version, source=source)
@@ -167,7 +167,7 @@ class Registry:
         staged: list[Component] = []
         try:
             self.pm.register(plugin, name=name)
-        except Exception as exc:  # noqa: BLE001 — e.g. a hook implementation with a wrong signature
+        except Exception as exc:
             info.error = _one_line(exc)
             self.plugins.append(info)
             return info
@@ -177,7 +177,7 @@ class Registry:
                 caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
                 caller(register=self._register_callback(kind, info, staged))
             self._check_clashes(staged)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.pm.unregister(plugin)
             info.error = _one_line(exc)
             if isinstance(exc, PluginError):

@@ -118,7 +118,7 @@ def test_clash_fails_validation(site: Path, tmp_path: Path) -> None:
     make_distribution(site, "tp-a", "tp_a", LOSS_PLUGIN.replace("{name}", "dup"))
     make_distribution(site, "tp-b", "tp_b", LOSS_PLUGIN.replace("{name}", "dup"))
     registry = Registry(modules=["sslcore_moco.plugin"])
-    with pytest.raises(ConfigError, match="tp-a.*tp-b"):
+    with pytest.raises(ConfigError, match=r"tp-a.*tp-b"):
         resolve({"method": "moco", "data": {"name": "image_folder", "root": str(tmp_path)}}, registry)
 
 

@@ -6,6 +6,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ def launch(resolved: Resolved, registry: Registry, plugin_modules: list[str], re
     modules = [*plugin_modules, *resolved.experiment.plugins]
     spec = make_spec(resolved.as_dict(), run_dir, modules, registry.autoload, source=resolved.source)
     spec["launched_at"] = started
+    spec["interactive"] = sys.stdout.isatty()
     scaling = resolved.experiment.scaling
     if scaling.backend == "local":
         if scaling.num_workers != 1:
@@ -90,7 +92,8 @@ def _fit_on_ray(spec: dict[str, Any], resolved: Resolved, run_dir: Path, modules
                  runtime_env={"worker_process_setup_hook": "sslcore.engine.launch.quiet_ray_worker"})
     cpus = scaling.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // scaling.num_workers)
     spec["experiment"]["scaling"]["cpus_per_worker"] = cpus
-    runtime_env: dict[str, Any] = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+    # Ray Train's print patch sends each worker print to the console twice (logger and tee)
+    runtime_env: dict[str, Any] = {"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     local_modules = _uninstalled_module_paths(modules)
     if local_modules:
         runtime_env["py_modules"] = local_modules

@@ -229,13 +229,12 @@ class Trainer:
         if hasattr(self.method, "on_epoch_start"):
             self.method.on_epoch_start(epoch, self.method_context)
         self.model.train()
-        bar = progress_bar(self.steps_per_epoch, under_ray=isinstance(self.session, RaySession)) if (
-            self.is_main and self.cfg["tracking"]["progress_bar"]) else None
+        bar = self.bar
         log_every = self.train_cfg["log_every_steps"]
-        running, count, images = torch.zeros((), device=self.device), 0, 0
+        # losses are summed on the device and read once per log window: no sync per step
+        epoch_sum, window_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        window_steps = images = window_images = 0
         epoch_start = window_start = time.perf_counter()
-        window_images = 0
-        losses: list[float] = []
         for i, (views, _) in enumerate(self.loader):
             if i >= self.steps_per_epoch:
                 break
@@ -254,33 +253,32 @@ class Trainer:
                 startup = time.time() - self.spec["launched_at"]
                 print(f"sslcore: first step {startup:.1f} s after start", flush=True)
                 self._write_summary({"startup_seconds": startup})
-            running += loss.detach()
-            count += 1
+            window_sum += loss.detach()
+            window_steps += 1
             n = views[0].shape[0] * self.session.world_size
             images += n
             window_images += n
-            if count % log_every == 0 or i + 1 == self.steps_per_epoch:
-                mean_loss = (running / count).item()
-                self._check_finite(mean_loss, epoch)
-                losses.append(mean_loss)
+            if window_steps == log_every or i + 1 == self.steps_per_epoch:
+                window_loss = (window_sum / window_steps).item()
+                self._check_finite(window_loss, epoch)
                 now = time.perf_counter()
-                metrics = {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                metrics = {"loss": window_loss, "lr": self.scheduler.get_last_lr()[0],
                            "img_per_s": window_images / (now - window_start)}
                 metrics.update({k: float(v) for k, v in out.items() if k != "loss"})
-                window_start, window_images = now, 0
+                epoch_sum += window_sum
+                window_sum.zero_()
+                window_start, window_steps, window_images = now, 0, 0
                 if self.tracker is not None:
                     self.tracker.log(metrics, step=self.step, epoch=epoch, subset="train")
                 if bar is not None:
-                    bar.set_description(f"epoch {epoch + 1}/{self.epochs} loss {mean_loss:.4f} "
+                    bar.set_description(f"epoch {epoch + 1}/{self.epochs} loss {window_loss:.4f} "
                                         f"{metrics['img_per_s']:.0f} img/s")
             if bar is not None:
                 bar.update(1)
-        if bar is not None:
-            bar.close()
         elapsed = time.perf_counter() - epoch_start
-        epoch_loss = float(np.mean(losses)) if losses else float("nan")
-        return {"epoch": epoch, "step": self.step, "loss": epoch_loss, "img_per_s": images / elapsed,
-                "epoch_seconds": elapsed}
+        steps = min(self.steps_per_epoch, i + 1)
+        return {"epoch": epoch, "step": self.step, "loss": float(epoch_sum) / steps,
+                "img_per_s": images / elapsed, "epoch_seconds": elapsed}
 
     def _check_finite(self, loss: float, epoch: int) -> None:
         if not math.isfinite(loss):
@@ -301,7 +299,7 @@ class Trainer:
         was_training = backbone.training
         backbone.eval()
         self.eval_context.epoch = epoch
-        for block, evaluator in due:
+        for _, evaluator in due:
             results.update(evaluator.evaluate(backbone, self.eval_context))
         backbone.train(was_training)
         if self.tracker is not None:
@@ -310,6 +308,11 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         self.setup()
+        # one bar for the whole run, for a person at a terminal; logs get the per-epoch lines only
+        self.bar = None
+        if self.is_main and self.cfg["tracking"]["progress_bar"] and self.spec.get("interactive"):
+            self.bar = progress_bar(self.total_steps, under_ray=isinstance(self.session, RaySession))
+            self.bar.update(self.start_epoch * self.steps_per_epoch)
         if self.is_main and self.start_epoch > 0:
             print(f"sslcore: resuming {self.run_dir} at epoch {self.start_epoch + 1}", flush=True)
         last: dict[str, Any] = {}
@@ -330,6 +333,8 @@ class Trainer:
             else:
                 self.session.report(metrics, None)
             last = metrics
+        if self.bar is not None:
+            self.bar.close()
         if self.is_main:
             torch.save(self.method.backbone.state_dict(), self.run_dir / "backbone.pt")
             self._write_summary({"final": last})
