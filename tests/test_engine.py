@@ -147,12 +147,32 @@ def test_empty_data_folder_is_a_user_error(tmp_path: Path, cifar10_subset: dict)
     assert "Traceback" not in out.stderr
 
 
+LAB_LOSS = """
+from sslcore import hookimpl
+from sslcore.components.losses import InfoNCEConfig, InfoNCELoss
+
+
+@hookimpl
+def register_losses(register):
+    register("lab_info_nce", InfoNCELoss, config=InfoNCEConfig)
+"""
+
+
 @pytest.mark.ray
 def test_ray_train_with_two_cpu_workers(tmp_path: Path, cifar10_subset: dict) -> None:
+    # The loss comes from a module only the driver can import (sys.path, not PYTHONPATH, not installed):
+    # the workers get it through Ray's py_modules.
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    (lab / "tp_lab_loss.py").write_text(LAB_LOSS)
     path = experiment(tmp_path, cifar10_subset, scaling={"backend": "ray", "num_workers": 2},
                       method={"name": "moco", "momentum": 0.99, "shuffle_bn": "auto"},
+                      loss={"name": "lab_info_nce", "temperature": 0.2},
+                      plugins=["sslcore_moco.plugin", "tp_lab_loss"],
                       tracking={"aim": {"repo": str(tmp_path / "aim")}, "progress_bar": True})
-    out = run("run", str(path), timeout=600)
+    driver = (f"import sys; sys.path.insert(0, {str(lab)!r}); from sslcore.cli import main; "
+              f"sys.exit(main(['run', {str(path)!r}]))")
+    out = subprocess.run([sys.executable, "-c", driver], env=env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     run_dir = tmp_path / "runs" / "unit"
     assert len(train_losses(run_dir, epoch=1)) == 5
@@ -174,3 +194,25 @@ def test_ray_train_with_two_cpu_workers(tmp_path: Path, cifar10_subset: dict) ->
     knn = [r["knn_top1"] for r in records if r["subset"] == "eval"]  # every epoch
     assert len(knn) == 2 and knn[-1] == summary["final"]["knn_top1"]
     assert sorted(tracked[("knn_top1", "eval")]) == pytest.approx(sorted(knn))
+
+
+def test_lr_schedule_is_linear_warmup_then_cosine() -> None:
+    from sslcore.engine.loop import lr_factor
+
+    assert [lr_factor(s, 4, 20, "cosine") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 4, 20, "cosine") == 1.0
+    assert lr_factor(12, 4, 20, "cosine") == pytest.approx(0.5)  # half-way through the decay: cos(pi/2)
+    assert lr_factor(20, 4, 20, "cosine") == pytest.approx(0.0)
+    assert lr_factor(15, 4, 20, "constant") == 1.0
+
+
+def test_adamw_fp16_channels_last_constant_schedule(tmp_path: Path, cifar10_subset: dict) -> None:
+    path = experiment(tmp_path, cifar10_subset, evaluators=[],
+                      train={"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 3, "log_every_steps": 1,
+                             "optimizer": {"name": "adamw", "lr": 1.0e-3}, "precision": "fp16",
+                             "channels_last": True, "schedule": "constant"})
+    out = run("run", str(path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "runs" / "unit" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == [1.0e-3] * 3
+    assert all(0 < r["loss"] < 10 for r in records)

@@ -22,6 +22,7 @@ from sslcore.errors import ConfigError, UserError
 from sslcore.registry import Registry
 
 CONFIG_FILE = "config.yaml"
+logger = logging.getLogger(__name__)
 
 
 def run_dir_of(resolved: Resolved) -> Path:
@@ -86,17 +87,23 @@ def _fit_on_ray(spec: dict[str, Any], resolved: Resolved, run_dir: Path, modules
     from ray.train.torch import TorchConfig, TorchTrainer
 
     scaling = resolved.experiment.scaling
+    # Plugin modules the workers cannot import (not installed) travel with the job; Ray takes local
+    # py_modules only at the job level, in ray.init.
+    job_env: dict[str, Any] = {"worker_process_setup_hook": "sslcore.engine.launch.quiet_ray_worker"}
+    local_modules = _uninstalled_module_paths(modules)
+    if local_modules:
+        job_env["py_modules"] = local_modules
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False,
-                 runtime_env={"worker_process_setup_hook": "sslcore.engine.launch.quiet_ray_worker"})
+                 runtime_env=job_env)
+    elif local_modules:
+        logger.warning("Ray was initialised before sslcore; plugin modules %s reach the workers only if they are "
+                       "importable there", local_modules)
     cpus = scaling.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // scaling.num_workers)
     spec["experiment"]["scaling"]["cpus_per_worker"] = cpus
     # Ray Train's print patch sends each worker print to the console twice (logger and tee)
-    runtime_env: dict[str, Any] = {"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
-    local_modules = _uninstalled_module_paths(modules)
-    if local_modules:
-        runtime_env["py_modules"] = local_modules
+    worker_env = {"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec,
@@ -106,7 +113,7 @@ def _fit_on_ray(spec: dict[str, Any], resolved: Resolved, run_dir: Path, modules
         run_config=RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent),
             checkpoint_config=CheckpointConfig(num_to_keep=resolved.experiment.checkpoint.keep),
-            failure_config=FailureConfig(max_failures=0), worker_runtime_env=runtime_env),
+            failure_config=FailureConfig(max_failures=0), worker_runtime_env=worker_env),
     )
     try:
         result = trainer.fit()
