@@ -216,3 +216,28 @@ def test_adamw_fp16_channels_last_constant_schedule(tmp_path: Path, cifar10_subs
     records = [json.loads(line) for line in (tmp_path / "runs" / "unit" / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records] == [1.0e-3] * 3
     assert all(0 < r["loss"] < 10 for r in records)
+
+
+@pytest.mark.ray
+def test_address_joins_an_existing_ray_cluster(tmp_path: Path, cifar10_subset: dict) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    cluster_env = {**env(), "RAY_AUTH_MODE": "disabled"}  # a private cluster on loopback, for this test only
+    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                            "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+                           env=cluster_env, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        path = experiment(tmp_path, cifar10_subset, scaling={"backend": "ray", "num_workers": 1},
+                          train={"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 2}, evaluators=[])
+        out = subprocess.run([*CLI, "run", str(path), "--address", f"127.0.0.1:{port}"], env=cluster_env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+        assert f":{port} (2 CPUs" in out.stdout  # the cluster started above, not a new local one
+        assert (tmp_path / "runs" / "unit" / "backbone.pt").is_file()
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=cluster_env, capture_output=True, timeout=120)

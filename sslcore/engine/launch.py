@@ -95,12 +95,19 @@ def _fit_on_ray(spec: dict[str, Any], resolved: Resolved, run_dir: Path, modules
         job_env["py_modules"] = local_modules
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False,
-                 runtime_env=job_env)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False,
+                     runtime_env=job_env)
+        except ConnectionError as exc:
+            raise UserError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[-1]}); "
+                            f"check the address (ray status) or leave --address out to start a local one") from None
     elif local_modules:
         logger.warning("Ray was initialised before sslcore; plugin modules %s reach the workers only if they are "
                        "importable there", local_modules)
-    cpus = scaling.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // scaling.num_workers)
+    resources = ray.cluster_resources()
+    print(f"sslcore: Ray cluster at {ray.get_runtime_context().gcs_address} ({resources.get('CPU', 0):g} CPUs, "
+          f"{resources.get('GPU', 0):g} GPUs); {scaling.num_workers} worker(s)", flush=True)
+    cpus = scaling.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // scaling.num_workers)
     spec["experiment"]["scaling"]["cpus_per_worker"] = cpus
     # Ray Train's print patch sends each worker print to the console twice (logger and tee)
     worker_env = {"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
