@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
     args = _parser().parse_args(argv)
+    args.started = started
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("sslcore").setLevel(logging.INFO)
     try:
@@ -93,7 +96,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.file = args.resume / CONFIG_FILE
     registry = _registry(args)
     resolved = _load(args, registry)
-    metrics = launch(resolved, registry, args.plugin, resume=args.resume, address=args.address)
+    metrics = launch(resolved, registry, args.plugin, resume=args.resume, address=args.address,
+                     started=args.started)
     print("sslcore: done " + json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
     return 0
 

@@ -62,9 +62,12 @@ def prepare_run_dir(resolved: Resolved, resume: Path | None) -> Path:
 
 
 def launch(resolved: Resolved, registry: Registry, plugin_modules: list[str], resume: Path | None = None,
-           address: str | None = None) -> dict[str, Any]:
-    """Train a validated experiment; returns the last epoch's metrics."""
-    started = time.time()
+           address: str | None = None, started: float | None = None) -> dict[str, Any]:
+    """Train a validated experiment; returns the last epoch's metrics.
+
+    ``started`` (a ``time.time()``) is when the command began; the first step reports the time since.
+    """
+    started = started or time.time()
     dry_build(resolved, registry)
     run_dir = prepare_run_dir(resolved, resume)
     modules = [*plugin_modules, *resolved.experiment.plugins]
