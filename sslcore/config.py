@@ -12,7 +12,7 @@ Every error is one line: ``file:line: dotted.key.path: message — did you mean 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -118,7 +118,6 @@ class Resolved:
     blocks: dict[str, Block]  # slot -> {name, **validated params}, incl. method, data, optimizer
     evaluators: list[Block]
     source: str
-    raw: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         out = self.experiment.model_dump(mode="json")
@@ -316,7 +315,7 @@ def resolve(data: dict[str, Any], registry: Registry, source: str = "<experiment
                        f"{experiment.scaling.num_workers} workers (scaling.num_workers); use a multiple of it")
     errors.raise_if_any()
     return Resolved(experiment=cast(Experiment, experiment),  # not None: its errors were raised
-                    blocks=blocks, evaluators=evaluators, source=source, raw=data)
+                    blocks=blocks, evaluators=evaluators, source=source)
 
 
 def _merge_default(default: Block, given: Any) -> Any:

@@ -256,9 +256,6 @@ class Registry:
             raise UserError(f"unknown {kind.replace('_', ' ')} '{name}'"
                             f"{did_you_mean(name, self.components[kind])}") from None
 
-    def hook(self) -> pluggy.HookRelay:
-        return self.pm.hook
-
 
 def _one_line(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")

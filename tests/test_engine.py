@@ -169,10 +169,11 @@ def test_ray_train_with_two_cpu_workers(tmp_path: Path, cifar10_subset: dict) ->
                       method={"name": "moco", "momentum": 0.99, "shuffle_bn": "auto"},
                       loss={"name": "lab_info_nce", "temperature": 0.2},
                       plugins=["sslcore_moco.plugin", "tp_lab_loss"],
-                      tracking={"aim": {"repo": str(tmp_path / "aim")}, "progress_bar": True})
+                      tracking={"aim": {"repo": "aim"}, "progress_bar": True})  # relative: to the user's folder
     driver = (f"import sys; sys.path.insert(0, {str(lab)!r}); from sslcore.cli import main; "
               f"sys.exit(main(['run', {str(path)!r}]))")
-    out = subprocess.run([sys.executable, "-c", driver], env=env(), capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", driver], env=env(), capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     run_dir = tmp_path / "runs" / "unit"
     assert len(train_losses(run_dir, epoch=1)) == 5

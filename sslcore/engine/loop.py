@@ -37,7 +37,7 @@ def make_spec(experiment: dict[str, Any], run_dir: Path, plugins: list[str], aut
               source: str = "") -> dict[str, Any]:
     """The plain, picklable dict that every worker gets."""
     return {"experiment": experiment, "run_dir": str(run_dir), "plugins": plugins, "autoload": autoload,
-            "source": source}
+            "source": source, "cwd": os.getcwd()}
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -358,6 +358,8 @@ def train_loop_per_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """The loop each Ray Train worker runs (also called in-process for ``scaling.backend: local``)."""
     backend = spec["experiment"]["scaling"]["backend"]
     run_dir = Path(spec["run_dir"])
+    if os.path.isdir(spec.get("cwd", "")):
+        os.chdir(spec["cwd"])  # Ray starts workers elsewhere; relative paths in the file mean the user's folder
     if backend == "ray":
         session: Session = RaySession()
     else:
