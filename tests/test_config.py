@@ -186,3 +186,13 @@ def test_cli_schema_of_one_component() -> None:
     assert schema["properties"]["temperature"]["default"] == 0.2
     out = run_cli("schema", "los", "info_nce")
     assert out.returncode == 2 and "did you mean 'loss'" in out.stderr
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_files_validate(example: Path, registry: Registry) -> None:
+    from sslcore.engine.launch import dry_build
+
+    resolved = load_experiment(example, registry)
+    assert resolved.blocks["method"]["name"] == "moco"
+    dry_build(resolved, registry)

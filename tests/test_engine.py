@@ -242,3 +242,18 @@ def test_address_joins_an_existing_ray_cluster(tmp_path: Path, cifar10_subset: d
         assert (tmp_path / "runs" / "unit" / "backbone.pt").is_file()
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=cluster_env, capture_output=True, timeout=120)
+
+
+@pytest.mark.ray
+def test_resume_through_ray_continues_from_ray_checkpoints(tmp_path: Path, cifar10_subset: dict) -> None:
+    path = experiment(tmp_path, cifar10_subset, scaling={"backend": "ray", "num_workers": 1}, evaluators=[],
+                      train={"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 3, "log_every_steps": 1})
+    out = run("run", str(path))
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    run_dir = tmp_path / "runs" / "unit"
+    out = run("run", "--resume", str(run_dir), "--set", "train.epochs=2")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    assert f"resuming {run_dir} at epoch 2" in out.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records] == [(0, 1), (0, 2), (0, 3), (1, 4), (1, 5), (1, 6)]
+    assert len(list(run_dir.glob("checkpoint_*/state.pt"))) == 2
