@@ -103,11 +103,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from sslcore.engine.launch import dry_build
+    from sslcore.engine.launch import check_data, dry_build
 
     registry = _registry(args)
     resolved = _load(args, registry)
     dry_build(resolved, registry)
+    check_data(resolved, registry)
     blocks = ", ".join(f"{slot}={block['name']}" for slot, block in resolved.blocks.items())
     print(f"{args.file}: ok ({blocks})")
     return 0

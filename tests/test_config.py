@@ -168,9 +168,17 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def test_cli_validate_exit_codes(tmp_path: Path) -> None:
-    good = write(tmp_path, GOOD)
+    from PIL import Image
+
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "cat" / "0.png")
+    good = write(tmp_path, GOOD.replace("/tmp/images", str(tmp_path / "images")))
     out = run_cli("validate", str(good))
     assert out.returncode == 0, out.stderr
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(GOOD.lstrip())  # root: /tmp/images, which does not exist
+    out = run_cli("validate", str(missing))
+    assert out.returncode == 2 and "no folder '/tmp/images' (data.root)" in out.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("name: moco", "name: mocco").lstrip())
     out = run_cli("validate", str(bad))

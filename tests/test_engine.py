@@ -257,3 +257,17 @@ def test_resume_through_ray_continues_from_ray_checkpoints(tmp_path: Path, cifar
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in records] == [(0, 1), (0, 2), (0, 3), (1, 4), (1, 5), (1, 6)]
     assert len(list(run_dir.glob("checkpoint_*/state.pt"))) == 2
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path, cifar10_subset: dict) -> None:
+    path = experiment(tmp_path, cifar10_subset, evaluators=[],
+                      train={"epochs": 2, "batch_size": 16, "max_steps_per_epoch": 1})
+    out = run("run", str(path), "--set", "train.epochs=1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "unit"
+    state = run_dir / "checkpoint_000000" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # a checkpoint cut short, as by a full disk
+    out = run("run", "--resume", str(run_dir), "--set", "train.epochs=2")
+    assert out.returncode == 2
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+    assert f"checkpoint {state} cannot be read" in line and f"delete {state.parent}" in line

@@ -47,6 +47,18 @@ def dry_build(resolved: Resolved, registry: Registry) -> torch.nn.Module:
         raise ConfigError(*(f"{resolved.source}: {line}" for line in exc.lines)) from None
 
 
+def check_data(resolved: Resolved, registry: Registry) -> None:
+    """Open the training and evaluation datasets once here (a folder scan), so a wrong path fails before Ray
+    starts. Skipped for a remote cluster (``--address``), whose workers may see other files than this machine."""
+    from sslcore.data import build_dataset
+
+    blocks = [resolved.blocks["data"]]
+    for evaluator in resolved.evaluators:
+        blocks += [v for v in evaluator.values() if isinstance(v, dict) and "name" in v]
+    for block in blocks:
+        build_dataset(registry, block)
+
+
 def prepare_run_dir(resolved: Resolved, resume: Path | None) -> Path:
     run_dir = resume.resolve() if resume else run_dir_of(resolved)
     if resume is None and checkpoints(run_dir):
@@ -69,6 +81,8 @@ def launch(resolved: Resolved, registry: Registry, plugin_modules: list[str], re
     """
     started = started or time.time()
     dry_build(resolved, registry)
+    if address is None:
+        check_data(resolved, registry)
     run_dir = prepare_run_dir(resolved, resume)
     modules = [*plugin_modules, *resolved.experiment.plugins]
     spec = make_spec(resolved.as_dict(), run_dir, modules, registry.autoload, source=resolved.source)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import time
 from pathlib import Path
@@ -197,7 +198,11 @@ class Trainer:
                 "aim_run_hash": self.tracker.run_hash if self.tracker else None}
 
     def load_checkpoint(self, path: Path) -> str | None:
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            raise TrainingError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}): "
+                                f"delete {path.parent} to resume from the checkpoint before it") from None
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
