@@ -86,12 +86,16 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run(tmp_path: Path, cifa
 
 def test_run_refuses_to_overwrite_and_export_loads_into_plain_torchvision(
         tmp_path: Path, cifar10_subset: dict) -> None:
-    path = experiment(tmp_path, cifar10_subset, train={"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 2})
+    test_set = {"name": "image_folder", "root": str(cifar10_subset["test"])}
+    path = experiment(tmp_path, cifar10_subset, train={"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 2},
+                      evaluators=[{"name": "knn", "k": 20, "data": test_set},
+                                  {"name": "knn", "k": 1, "data": test_set, "train_data": test_set}])
     out = run("run", str(path))
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "runs" / "unit"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert 0.0 <= summary["final"]["knn_top1"] <= 1.0
+    assert summary["final"]["knn_top1@1"] == 1.0  # k=1 with the test set as memory: each image finds itself
     assert {"config.yaml", "metrics.jsonl", "backbone.pt", "checkpoint_000000"} <= {p.name for p in run_dir.iterdir()}
 
     again = run("run", str(path))

@@ -296,7 +296,7 @@ class Trainer:
         results: dict[str, float] = {}
         if not self.is_main:
             return results
-        due = [(block, ev) for block, ev in self.evaluators
+        due = [(i, ev) for i, (_, ev) in enumerate(self.evaluators)
                if final or (ev.every_epochs and (epoch + 1) % ev.every_epochs == 0)]
         if not due:
             return results
@@ -304,8 +304,10 @@ class Trainer:
         was_training = backbone.training
         backbone.eval()
         self.eval_context.epoch = epoch
-        for _, evaluator in due:
-            results.update(evaluator.evaluate(backbone, self.eval_context))
+        for i, evaluator in due:
+            for key, value in evaluator.evaluate(backbone, self.eval_context).items():
+                # two evaluators with the same metric (knn on two test sets): the later is named by its index
+                results[f"{key}@{i}" if key in results else key] = value
         backbone.train(was_training)
         if self.tracker is not None:
             self.tracker.log(results, step=self.step, epoch=epoch, subset="eval")
