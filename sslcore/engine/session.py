@@ -48,6 +48,10 @@ class LocalSession(Session):
         self.run_dir, self.keep = run_dir, keep
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
+    def temp_checkpoint_dir(self) -> Path:
+        # in the run folder, so that moving it into place is an atomic rename: a crash leaves no half checkpoint
+        return Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=self.run_dir))
+
     def _checkpoints(self) -> list[Path]:
         return sorted(p for p in self.run_dir.glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file())
 
