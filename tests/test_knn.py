@@ -96,3 +96,23 @@ def test_unlabelled_data_is_a_user_error(registry, cifar10_subset, backbone, tmp
     evaluator = KNNEvaluator(KNNConfig(k=2, data=image_folder(flat)))
     with pytest.raises(UserError, match=r"knn needs labelled data: evaluators\[knn\]\.data"):
         evaluator.evaluate(backbone, eval_context(registry, cifar10_subset["train"]))
+
+
+def test_knn_refuses_test_classes_that_differ_from_the_memory_bank(cifar10_subset, tmp_path) -> None:
+    from sslcore.engine.context import EvalContext
+    from sslcore.errors import UserError
+    from sslcore.registry import Registry
+
+    registry = Registry(autoload=False)
+    partial = tmp_path / "test"
+    partial.mkdir()
+    for name in ("airplane", "cat"):  # two of the ten classes: label 1 would be 'cat' here, 'automobile' there
+        (partial / name).symlink_to((cifar10_subset["test"] / name).resolve(), target_is_directory=True)
+    aug = registry.get("augmentation", "moco_v2").build({"size": 32})
+    context = EvalContext(registry=registry, eval_transform=aug.eval,
+                          train_data={"name": "image_folder", "root": str(cifar10_subset["train"])},
+                          device=torch.device("cpu"), batch_size=64, num_workers=0)
+    knn = registry.get("evaluator", "knn").build({"data": {"name": "image_folder", "root": str(partial)}})
+    encoder = registry.get("encoder", "resnet18").build({}).eval()
+    with pytest.raises(UserError, match="differ from the memory bank"):
+        knn.evaluate(encoder, context)

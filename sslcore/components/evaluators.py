@@ -75,6 +75,10 @@ class KNNEvaluator:
         self.every_epochs = config.every_epochs
 
     def evaluate(self, backbone: nn.Module, context: EvalContext) -> dict[str, float]:
+        memory_classes, test_classes = context.classes(self.config.train_data), context.classes(self.config.data)
+        if memory_classes and test_classes and memory_classes != test_classes:
+            raise UserError(f"knn: the test set's classes {test_classes} (evaluators[knn].data) differ from the "
+                            f"memory bank's {memory_classes}; labels would not mean the same class in both")
         train_features, train_labels = self._labelled_features(backbone, context, "train_data")  # M x D, M
         test_features, test_labels = self._labelled_features(backbone, context, "data")  # T x D, T
         num_classes = int(train_labels.max()) + 1

@@ -53,6 +53,12 @@ class EvalContext:
 
         return EvalDataset(build_dataset(self.registry, block or self.train_data), self.eval_transform)
 
+    def classes(self, block: dict[str, Any] | None = None) -> list[str]:
+        """The class names of ``block``'s dataset (the training data when None); empty when unlabeled."""
+        from sslcore.data import build_dataset
+
+        return list(getattr(build_dataset(self.registry, block or self.train_data), "classes", []))
+
     def loader(self, block: dict[str, Any] | None = None) -> DataLoader:
         """A sequential DataLoader over :meth:`dataset`, batches ``(images N x 3 x S x S, labels N)``."""
         return DataLoader(self.dataset(block), batch_size=self.batch_size, shuffle=False,

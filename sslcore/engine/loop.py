@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from sslcore.data import MultiViewDataset, build_dataset, seed_worker
 from sslcore.engine.context import EvalContext, MethodContext
@@ -142,8 +142,16 @@ class Trainer:
         self.dataset = MultiViewDataset(dataset, augmentation)
         self.batch_size = self.train_cfg["batch_size"] // self.session.world_size
         self.generator = torch.Generator()
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                            num_workers=self.loader_workers, worker_init_fn=seed_worker,
+        # Each worker reads its own shard in an order set by (seed, epoch): the sampler is made here rather
+        # than by Ray, whose default sampler ignores the experiment's seed.
+        self.sampler = None
+        if self.session.world_size > 1:
+            self.sampler = DistributedSampler(self.dataset, num_replicas=self.session.world_size,
+                                              rank=self.session.rank, shuffle=True, seed=self.cfg["seed"],
+                                              drop_last=True)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.sampler is None,
+                            sampler=self.sampler,
+                            drop_last=True, num_workers=self.loader_workers, worker_init_fn=seed_worker,
                             generator=self.generator, pin_memory=self.device.type == "cuda",
                             persistent_workers=False)
         self.loader = self.session.prepare_loader(loader)
@@ -228,9 +236,8 @@ class Trainer:
         seed_everything(seed)
         self.generator.manual_seed(seed)
         self.dataset.set_seed(seed)
-        sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
         if hasattr(self.method, "on_epoch_start"):
             self.method.on_epoch_start(epoch, self.method_context)
         self.model.train()

@@ -91,7 +91,7 @@ class RaySession(Session):
         return self._torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
 
     def prepare_loader(self, loader: DataLoader) -> DataLoader:
-        return self._torch.prepare_data_loader(loader)
+        return self._torch.prepare_data_loader(loader, add_dist_sampler=False)  # the loop brings its sampler
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
