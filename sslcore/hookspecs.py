@@ -100,7 +100,9 @@ def register_evaluators(register: Register) -> None:
     ``factory(config) -> evaluator`` with ``every_epochs: int`` (0: only at the end of training) and
     ``evaluate(backbone: torch.nn.Module, context: sslcore.engine.EvalContext) -> dict[str, float]``.
     Evaluators run on rank 0 between epochs with the backbone in eval mode; the context builds datasets
-    with the run's eval transform and knows the device, batch size and DataLoader workers.
+    with the run's eval transform and knows the device, batch size and DataLoader workers. A parameter
+    that is itself a dataset block (``knn``'s ``data``) is declared with
+    ``Field(json_schema_extra={"sslcore_kind": "dataset"})`` and validated like the ``data`` block.
     """
 
 
