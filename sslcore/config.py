@@ -309,6 +309,9 @@ def resolve(data: dict[str, Any], registry: Registry, source: str = "<experiment
             evaluators.append(validated)
 
     if experiment is not None:
+        if experiment.scaling.backend == "local" and experiment.scaling.num_workers != 1:
+            errors.add(("scaling", "num_workers"), f"the local backend runs one worker, not "
+                                                   f"{experiment.scaling.num_workers}; use backend: ray for more")
         if experiment.train.batch_size % experiment.scaling.num_workers:
             errors.add(("train", "batch_size"),
                        f"{experiment.train.batch_size} does not split evenly over "

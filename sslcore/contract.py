@@ -18,7 +18,7 @@ from PIL import Image
 
 from sslcore.engine.context import EvalContext, MethodContext
 from sslcore.errors import UserError
-from sslcore.registry import SLOT_KINDS, Registry
+from sslcore.registry import Registry
 
 
 def _image(seed: int = 0, size: int = 32) -> np.ndarray:
@@ -129,21 +129,16 @@ def _check_clustering(registry: Registry, name: str, build: Callable[..., Any], 
 
 
 def _check_method(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
+    from sslcore.config import resolve
     from sslcore.engine.loop import build_method
 
-    component = registry.get("method", name)
     batch = 16  # MoCo's default 8 BN groups need at least 2 samples each
-    experiment: dict[str, Any] = {"method": {"name": name, **component.config().model_dump(mode="json")}}
-    for slot, default in component.extra.get("slots", {}).items():
-        block = dict(default)
-        experiment[slot] = {"name": block["name"], **registry.get(SLOT_KINDS[slot], block["name"]).config(
-            **{k: v for k, v in block.items() if k != "name"}).model_dump(mode="json")}
+    # ``method: NAME`` alone, resolved as an experiment file would be: the method's slot defaults
+    experiment = resolve({"method": name, "data": {"name": "image_folder", "root": str(tmp)}}, registry).as_dict()
     context = MethodContext(world_size=1, rank=0, global_batch_size=batch, steps_per_epoch=2, epochs=1,
                             device=torch.device("cpu"), registry=registry)
     method = build_method(experiment, registry, context)
-    aug_block = experiment.get("augmentation", {"name": "moco_v2"})
-    aug = registry.get("augmentation", aug_block["name"]).build(
-        {**{k: v for k, v in aug_block.items() if k != "name"}, "size": 32})
+    aug = registry.build("augmentation", {**experiment.get("augmentation", {"name": "moco_v2"}), "size": 32})
     views = [torch.stack(v) for v in zip(*(aug.views(_image(i)) for i in range(batch)))]
     out = method(views)
     loss = out["loss"]

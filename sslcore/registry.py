@@ -249,6 +249,11 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])
 
+    def build(self, kind: str, block: dict[str, Any], **kwargs: Any) -> Any:
+        """Build the component that a ``{name: ..., **params}`` block describes."""
+        params = {k: v for k, v in block.items() if k != "name"}
+        return self.get(kind, block["name"]).build(params, **kwargs)
+
     def get(self, kind: str, name: str) -> Component:
         try:
             return self.components[kind][name]

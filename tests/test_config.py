@@ -204,3 +204,10 @@ def test_example_files_validate(example: Path, registry: Registry) -> None:
     resolved = load_experiment(example, registry)
     assert resolved.blocks["method"]["name"] == "moco"
     dry_build(resolved, registry)
+
+
+def test_local_backend_runs_one_worker(tmp_path: Path, registry: Registry) -> None:
+    path = write(tmp_path, GOOD + "scaling: {backend: local, num_workers: 2}\n")
+    (line,) = errors_of(path, registry)
+    assert line == (f"{path}:10: scaling.num_workers: the local backend runs one worker, not 2; "
+                    "use backend: ray for more")

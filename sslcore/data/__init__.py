@@ -62,7 +62,7 @@ def load_image(path: str) -> np.ndarray:
 
 def build_dataset(registry: Registry, block: dict[str, Any]) -> Dataset:
     """The dataset described by a ``data`` block: ``{"name": ..., **params}``."""
-    return registry.get("dataset", block["name"]).build({k: v for k, v in block.items() if k != "name"})
+    return registry.build("dataset", block)
 
 
 class _SkipUnreadable(Dataset):

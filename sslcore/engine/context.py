@@ -49,15 +49,13 @@ class EvalContext:
 
     def dataset(self, block: dict[str, Any] | None = None) -> torch.utils.data.Dataset:
         """The dataset of ``block`` (the training data when None), items ``(tensor, label)``."""
-        from sslcore.data import EvalDataset, build_dataset
+        from sslcore.data import EvalDataset
 
-        return EvalDataset(build_dataset(self.registry, block or self.train_data), self.eval_transform)
+        return EvalDataset(self.registry.build("dataset", block or self.train_data), self.eval_transform)
 
     def classes(self, block: dict[str, Any] | None = None) -> list[str]:
         """The class names of ``block``'s dataset (the training data when None); empty when unlabeled."""
-        from sslcore.data import build_dataset
-
-        return list(getattr(build_dataset(self.registry, block or self.train_data), "classes", []))
+        return list(getattr(self.registry.build("dataset", block or self.train_data), "classes", []))
 
     def loader(self, block: dict[str, Any] | None = None) -> DataLoader:
         """A sequential DataLoader over :meth:`dataset`, batches ``(images N x 3 x S x S, labels N)``."""

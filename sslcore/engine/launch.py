@@ -50,13 +50,11 @@ def dry_build(resolved: Resolved, registry: Registry) -> torch.nn.Module:
 def check_data(resolved: Resolved, registry: Registry) -> None:
     """Open the training and evaluation datasets once here (a folder scan), so a wrong path fails before Ray
     starts. Skipped for a remote cluster (``--address``), whose workers may see other files than this machine."""
-    from sslcore.data import build_dataset
-
     blocks = [resolved.blocks["data"]]
     for evaluator in resolved.evaluators:
         blocks += [v for v in evaluator.values() if isinstance(v, dict) and "name" in v]
     for block in blocks:
-        build_dataset(registry, block)
+        registry.build("dataset", block)
 
 
 def prepare_run_dir(resolved: Resolved, resume: Path | None) -> Path:
@@ -85,14 +83,9 @@ def launch(resolved: Resolved, registry: Registry, plugin_modules: list[str], re
         check_data(resolved, registry)
     run_dir = prepare_run_dir(resolved, resume)
     modules = [*plugin_modules, *resolved.experiment.plugins]
-    spec = make_spec(resolved.as_dict(), run_dir, modules, registry.autoload, source=resolved.source)
-    spec["launched_at"] = started
-    spec["interactive"] = sys.stdout.isatty()
-    scaling = resolved.experiment.scaling
-    if scaling.backend == "local":
-        if scaling.num_workers != 1:
-            raise ConfigError(f"{resolved.source}: scaling.num_workers: the local backend runs one worker; "
-                              f"use backend: ray for {scaling.num_workers}")
+    spec = make_spec(resolved.as_dict(), run_dir, modules, registry.autoload, source=resolved.source,
+                     launched_at=started, interactive=sys.stdout.isatty())
+    if resolved.experiment.scaling.backend == "local":
         return train_loop_per_worker(spec)
     return _fit_on_ray(spec, resolved, run_dir, modules, address)
 
@@ -101,7 +94,7 @@ def _fit_on_ray(spec: dict[str, Any], resolved: Resolved, run_dir: Path, modules
                 address: str | None) -> dict[str, Any]:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     scaling = resolved.experiment.scaling
     # Plugin modules the workers cannot import (not installed) travel with the job; Ray takes local
@@ -131,7 +124,6 @@ def _fit_on_ray(spec: dict[str, Any], resolved: Resolved, run_dir: Path, modules
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec,
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(

@@ -10,6 +10,7 @@ and the augmentation from ``(seed, epoch, rank)``, so a resumed run repeats the 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from sslcore.data import MultiViewDataset, build_dataset, seed_worker
+from sslcore.data import MultiViewDataset, seed_worker
 from sslcore.engine.context import EvalContext, MethodContext
 from sslcore.engine.session import CHECKPOINT_FILE, LocalSession, RaySession, Session
 from sslcore.engine.tracking import Tracker, progress_bar
@@ -35,10 +36,10 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_spec(experiment: dict[str, Any], run_dir: Path, plugins: list[str], autoload: bool,
-              source: str = "") -> dict[str, Any]:
+              source: str = "", launched_at: float | None = None, interactive: bool = False) -> dict[str, Any]:
     """The plain, picklable dict that every worker gets."""
     return {"experiment": experiment, "run_dir": str(run_dir), "plugins": plugins, "autoload": autoload,
-            "source": source, "cwd": os.getcwd()}
+            "source": source, "cwd": os.getcwd(), "launched_at": launched_at, "interactive": interactive}
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -68,19 +69,12 @@ def build_method(experiment: dict[str, Any], registry: Registry, context: Method
         if SLOT_KINDS[slot] == "negative_source":
             kwargs = {"dim": experiment["method"].get("dim", 128), "global_batch_size": context.global_batch_size}
         built[slot] = _build(registry, SLOT_KINDS[slot], slot, block, **kwargs)
-    try:
-        return component.build(_params(method_block), context=context, **built)
-    except ValueError as exc:
-        raise ConfigError(f"method: {exc}") from None
-
-
-def _params(block: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in block.items() if k != "name"}
+    return _build(registry, "method", "method", method_block, context=context, **built)
 
 
 def _build(registry: Registry, kind: str, slot: str, block: dict[str, Any], **kwargs: Any) -> Any:
     try:
-        return registry.get(kind, block["name"]).build(_params(block), **kwargs)
+        return registry.build(kind, block, **kwargs)
     except ValueError as exc:
         raise ConfigError(f"{slot}: {exc}") from None
 
@@ -138,7 +132,7 @@ class Trainer:
         seed_everything(epoch_seed(self.cfg["seed"], -1, self.session.rank))
         augmentation = _build(self.registry, "augmentation", "augmentation", self.cfg["augmentation"])
         self.augmentation = augmentation
-        dataset = build_dataset(self.registry, self.cfg["data"])
+        dataset = self.registry.build("dataset", self.cfg["data"])
         self.dataset = MultiViewDataset(dataset, augmentation)
         self.batch_size = self.train_cfg["batch_size"] // self.session.world_size
         self.generator = torch.Generator()
@@ -182,7 +176,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, warmup_steps, self.total_steps, self.train_cfg["schedule"]))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.train_cfg["precision"] == "fp16")
-        self.evaluators = [(block, _build(self.registry, "evaluator", f"evaluators[{i}]", block))
+        self.evaluators = [_build(self.registry, "evaluator", f"evaluators[{i}]", block)
                            for i, block in enumerate(self.cfg["evaluators"])]
         self.start_epoch, self.step, aim_hash = 0, 0, None
         with self.session.latest_checkpoint() as folder:
@@ -202,7 +196,7 @@ class Trainer:
     def state(self, epoch: int) -> dict[str, Any]:
         return {"model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": epoch, "step": self.step, "seed": self.cfg["seed"],
+                "epoch": epoch, "step": self.step,
                 "aim_run_hash": self.tracker.run_hash if self.tracker else None}
 
     def load_checkpoint(self, path: Path) -> str | None:
@@ -241,15 +235,13 @@ class Trainer:
         if hasattr(self.method, "on_epoch_start"):
             self.method.on_epoch_start(epoch, self.method_context)
         self.model.train()
-        bar = self.bar
+        bar = self.bar  # None unless a person watches at a terminal
         log_every = self.train_cfg["log_every_steps"]
         # losses are summed on the device and read once per log window: no sync per step
         epoch_sum, window_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         window_steps = images = window_images = 0
         epoch_start = window_start = time.perf_counter()
-        for i, (views, _) in enumerate(self.loader):
-            if i >= self.steps_per_epoch:
-                break
+        for i, (views, _) in enumerate(itertools.islice(self.loader, self.steps_per_epoch)):
             views = self._images(views)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                 enabled=self.autocast_dtype is not None):
@@ -288,8 +280,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
         elapsed = time.perf_counter() - epoch_start
-        steps = min(self.steps_per_epoch, i + 1)
-        return {"epoch": epoch, "step": self.step, "loss": float(epoch_sum) / steps,
+        return {"epoch": epoch, "step": self.step, "loss": float(epoch_sum) / (i + 1),
                 "img_per_s": images / elapsed, "epoch_seconds": elapsed}
 
     def _check_finite(self, loss: float, epoch: int) -> None:
@@ -303,7 +294,7 @@ class Trainer:
         results: dict[str, float] = {}
         if not self.is_main:
             return results
-        due = [(i, ev) for i, (_, ev) in enumerate(self.evaluators)
+        due = [(i, ev) for i, ev in enumerate(self.evaluators)
                if final or (ev.every_epochs and (epoch + 1) % ev.every_epochs == 0)]
         if not due:
             return results
