@@ -58,9 +58,14 @@ class TrainConfig(_Model):
                              description="{name: sgd|adamw, **params}")
     warmup_epochs: float = Field(0, ge=0, description="Linear warmup before the cosine schedule.")
     schedule: Literal["cosine", "constant"] = "cosine"
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Autocast dtype for the training step (bf16 works on CPU and GPU).")
-    channels_last: bool = Field(False, description="Images and model in channels_last memory format.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast dtype of the training step and the evaluators. auto: bf16 on a GPU that "
+                            "supports it (else fp16), bf16 on a CPU with native bf16 (AVX512-BF16 or AMX), "
+                            "else fp32. See bench/results.md for speed and kNN of each.")
+    channels_last: bool = Field(True, description="Images and model in channels_last memory format (faster "
+                                                  "convolutions on CPU with oneDNN and on GPU tensor cores).")
+    compile: bool = Field(False, description="torch.compile the method's encoders and heads (compiles during "
+                                             "the first steps).")
     loader_workers: int | None = Field(
         None, ge=0, description="DataLoader worker processes per training worker (default: from its CPUs).")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on steps per epoch (quick runs).")

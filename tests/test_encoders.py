@@ -29,6 +29,19 @@ def test_cifar_stem_replaces_conv1_and_maxpool():
     assert cifar(torch.randn(2, 3, 32, 32)).shape == (2, 512)
 
 
+@pytest.mark.parametrize(("cifar_stem", "maxpool", "layer1_side"),
+                         [(False, None, 8), (True, None, 32), (True, True, 16), (False, False, 16)])
+def test_maxpool_option_sets_the_layer1_resolution(cifar_stem, maxpool, layer1_side):
+    encoder = resnet18(ResNetConfig(cifar_stem=cifar_stem, maxpool=maxpool))
+    x = torch.randn(2, 3, 32, 32)
+    stem = nn.Sequential(encoder.conv1, encoder.bn1, encoder.relu, encoder.maxpool)
+    assert stem(x).shape[-2:] == (layer1_side, layer1_side)
+    plain = plain_torchvision_resnet("resnet18", cifar_stem, maxpool).eval()
+    plain.load_state_dict(encoder.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(plain(x), encoder.eval()(x))
+
+
 def test_zero_init_residual_zeroes_last_block_norms():
     encoder = resnet18(ResNetConfig(zero_init_residual=True))
     last_norms = [block.bn2.weight for layer in (encoder.layer1, encoder.layer4) for block in layer]

@@ -211,6 +211,18 @@ def test_lr_schedule_is_linear_warmup_then_cosine() -> None:
     assert lr_factor(15, 4, 20, "constant") == 1.0
 
 
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_it() -> None:
+    import torch
+
+    from sslcore.engine.loop import resolve_precision
+
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    native = "avx512_bf16" in flags.split() or "amx_bf16" in flags.split()
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+    for explicit in ("fp32", "bf16", "fp16"):
+        assert resolve_precision(explicit, torch.device("cpu")) == explicit
+
+
 def test_adamw_fp16_channels_last_constant_schedule(tmp_path: Path, cifar10_subset: dict) -> None:
     path = experiment(tmp_path, cifar10_subset, evaluators=[],
                       train={"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 3, "log_every_steps": 1,

@@ -27,31 +27,37 @@ class ResNetConfig(BaseModel):
     cifar_stem: bool = Field(
         False, description="Replace the 7x7 stride-2 conv1 and the max-pool by a 3x3 stride-1 conv1 and no "
                            "max-pool, for 32 px images (SimCLR's CIFAR-10 ResNet); about 16x the FLOPs.")
+    maxpool: bool | None = Field(
+        None, description="Keep the max-pool after conv1. Default: yes with the standard stem, no with the "
+                          "CIFAR stem. cifar_stem with maxpool gives 16x16 maps in layer1 at 32 px: about a "
+                          "quarter of the CIFAR stem's FLOPs, four times the standard stem's.")
     zero_init_residual: bool = Field(
         False, description="Initialise the last BatchNorm of each residual block to zero, so each block "
                            "starts as the identity (Goyal et al. 2017).")
 
 
-def _use_cifar_stem(model: models.ResNet) -> None:
-    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision does
-    model.maxpool = nn.Identity()
+def _use_stem(model: models.ResNet, cifar_stem: bool, maxpool: bool | None) -> None:
+    if cifar_stem:
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision does
+    keep_maxpool = not cifar_stem if maxpool is None else maxpool
+    if not keep_maxpool:
+        model.maxpool = nn.Identity()
 
 
-def plain_torchvision_resnet(arch: Arch, cifar_stem: bool) -> nn.Module:
+def plain_torchvision_resnet(arch: Arch, cifar_stem: bool, maxpool: bool | None = None) -> nn.Module:
     """The plain torchvision model an exported encoder's ``state_dict`` loads into (strictly)::
 
         model = torchvision.models.resnet18()      # or resnet50
         model.fc = nn.Identity()
         if cifar_stem:
             model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            model.maxpool = nn.Identity()
+            model.maxpool = nn.Identity()          # unless the encoder had maxpool: true
         model.load_state_dict(torch.load("encoder.pt"))
     """
     model = getattr(models, arch)(weights=None)
     model.fc = nn.Identity()
-    if cifar_stem:
-        _use_cifar_stem(model)
+    _use_stem(model, cifar_stem, maxpool)
     return model
 
 
@@ -63,8 +69,7 @@ def build_resnet(arch: Arch, config: ResNetConfig) -> models.ResNet:
     model = getattr(models, arch)(weights=None, zero_init_residual=config.zero_init_residual)
     model.feature_dim = model.fc.in_features
     model.fc = nn.Identity()
-    if config.cifar_stem:
-        _use_cifar_stem(model)
+    _use_stem(model, config.cifar_stem, config.maxpool)
     return model
 
 

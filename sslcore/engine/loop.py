@@ -42,6 +42,25 @@ def make_spec(experiment: dict[str, Any], run_dir: Path, plugins: list[str], aut
             "source": source, "cwd": os.getcwd(), "launched_at": launched_at, "interactive": interactive}
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); then bf16 autocast beats fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` with ``auto`` replaced by what is fastest on ``device`` (see bench/results.md)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % 2**31
 
@@ -98,6 +117,15 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def compile_submodules(method: torch.nn.Module) -> None:
+    """``torch.compile`` each child of the method that holds parameters (encoders, heads), in place, so
+    parameter names and checkpoints are unchanged. The method's own forward (queues, shuffles, gathers:
+    data-dependent Python) stays eager."""
+    for child in method.children():
+        if any(True for _ in child.parameters()):
+            child.compile()
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
@@ -111,7 +139,7 @@ class Trainer:
         self.registry = Registry(autoload=spec["autoload"], modules=spec["plugins"])
         self.is_main = session.rank == 0
         self.device = session.device
-        self.autocast_dtype = AUTOCAST_DTYPES[self.train_cfg["precision"]]
+        self.autocast_dtype = AUTOCAST_DTYPES[resolve_precision(self.train_cfg["precision"], self.device)]
         self.channels_last = self.train_cfg["channels_last"]
 
     # -- set-up --------------------------------------------------------------------------------------
@@ -169,13 +197,15 @@ class Trainer:
         method = build_method(self.cfg, self.registry, self.method_context)
         if self.channels_last:
             method = method.to(memory_format=torch.channels_last)
+        if self.train_cfg["compile"]:
+            compile_submodules(method)
         self.model = self.session.prepare_model(method)
         self.method = unwrap(self.model)
         self.optimizer = build_optimizer(self.method, self.train_cfg["optimizer"])
         warmup_steps = round(self.train_cfg["warmup_epochs"] * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, warmup_steps, self.total_steps, self.train_cfg["schedule"]))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.train_cfg["precision"] == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.evaluators = [_build(self.registry, "evaluator", f"evaluators[{i}]", block)
                            for i, block in enumerate(self.cfg["evaluators"])]
         self.start_epoch, self.step, aim_hash = 0, 0, None
@@ -225,6 +255,19 @@ class Trainer:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         return [v.to(self.device, non_blocking=True, memory_format=memory_format) for v in views]
 
+    def train_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch of views already on the device; returns the method's outputs."""
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            out = self.model(views)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return out
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         seed = epoch_seed(self.cfg["seed"], epoch, self.session.rank)
         seed_everything(seed)
@@ -242,17 +285,8 @@ class Trainer:
         window_steps = images = window_images = 0
         epoch_start = window_start = time.perf_counter()
         for i, (views, _) in enumerate(itertools.islice(self.loader, self.steps_per_epoch)):
-            views = self._images(views)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
-                out = self.model(views)
+            out = self.train_step(self._images(views))
             loss = out["loss"]
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.step += 1
             if self.step == 1 and self.is_main and self.spec.get("launched_at"):
                 startup = time.time() - self.spec["launched_at"]
                 print(f"sslcore: first step {startup:.1f} s after start", flush=True)

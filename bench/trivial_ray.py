@@ -1,0 +1,15 @@
+"""The floor of benchmark 4b: a trivial TorchTrainer.fit() with 1 worker whose loop prints one line."""
+
+import tempfile
+
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+
+def loop(config):
+    print("TRIVIAL_FIRST_STEP", flush=True)
+
+
+if __name__ == "__main__":
+    TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1),
+                 run_config=RunConfig(storage_path=tempfile.mkdtemp(), name="trivial")).fit()
