@@ -5,7 +5,8 @@ Runs in bench/.venv-lightly (bash bench/setup_lightly.sh), never imports sslcore
     throughput   images/s of decode + lightly's MoCoV2Transform (two views) + step, over the ImageFolder
     train        train for --epochs on the first --per-class images of each class, save the backbone
 
-lightly's parts: MoCoProjectionHead, NTXentLoss with a memory bank (MoCo's InfoNCE against a queue),
+lightly's parts: MoCoProjectionHead, NTXentLoss with a memory bank (MoCo's InfoNCE against a queue; without
+one, lightly's in-batch NT-Xent over the query and key batches),
 update_momentum, deactivate_requires_grad, MoCoV2Transform. The backbone is bench/backbone.py's ResNet-18,
 the same module sslcore trains, so one kNN script evaluates both. Defaults as lightly runs: fp32, contiguous.
 """
@@ -67,7 +68,9 @@ def loader(root: str, per_class: int | None, batch: int, workers: int, seed: int
 def make(args: argparse.Namespace):
     torch.manual_seed(args.seed)
     model = MoCo(resnet18(args.stem))
-    criterion = NTXentLoss(temperature=args.temperature, memory_bank_size=(4096, 128))
+    # with a memory bank: MoCo's InfoNCE against a queue; size 0: the other samples of the batch (NT-Xent)
+    bank = (args.memory_bank, 128) if args.memory_bank else 0
+    criterion = NTXentLoss(temperature=args.temperature, memory_bank_size=bank)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
     return model, criterion, optimizer
 
@@ -134,6 +137,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--memory-bank", type=int, default=4096, help="queue size; 0 for in-batch negatives")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)

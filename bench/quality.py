@@ -63,6 +63,7 @@ def lightly_run(name: str, seed: int) -> dict:
         cmd = [str(LIGHTLY_PYTHON), str(HERE / "lightly_moco.py"), "train", "--root", str(CIFAR / "train"),
                "--stem", stem, "--batch", str(config["train"]["batch_size"]),
                "--temperature", str(config["loss"]["temperature"]),
+               "--memory-bank", str(config["negatives"]["size"] if config["negatives"]["name"] == "queue" else 0),
                "--per-class", str(config["data"]["max_per_class"]), "--epochs", str(config["train"]["epochs"]),
                "--seed", str(seed), "--out", str(run / "backbone.pt")]
         print("$", " ".join(cmd), flush=True)

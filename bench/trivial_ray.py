@@ -2,6 +2,7 @@
 
 import tempfile
 
+import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -11,5 +12,6 @@ def loop(config):
 
 
 if __name__ == "__main__":
+    ray.init(include_dashboard=False)  # as sslcore starts its cluster
     TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1),
                  run_config=RunConfig(storage_path=tempfile.mkdtemp(), name="trivial")).fit()

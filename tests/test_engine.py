@@ -223,6 +223,30 @@ def test_auto_precision_is_bf16_only_where_the_hardware_computes_it() -> None:
         assert resolve_precision(explicit, torch.device("cpu")) == explicit
 
 
+def test_a_component_that_rejects_its_settings_is_a_one_line_error(tmp_path: Path, cifar10_subset: dict) -> None:
+    path = experiment(tmp_path, cifar10_subset, negatives={"name": "queue", "size": 60})
+    out = run("run", str(path))
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines() == [
+        f"error: {path}: negatives: queue size 60 is not a multiple of the global batch size 16 "
+        f"(train.batch_size): use 48 or 64"]
+
+
+def test_compile_trains_and_keeps_checkpoint_names(tmp_path: Path, cifar10_subset: dict) -> None:
+    import torch
+
+    path = experiment(tmp_path, cifar10_subset, evaluators=[],
+                      train={"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 2, "log_every_steps": 1,
+                             "optimizer": {"name": "sgd", "lr": 0.05}, "compile": True})
+    out = run("run", str(path), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "unit"
+    losses = train_losses(run_dir, 0)
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    state = torch.load(next(run_dir.glob("checkpoint_*/state.pt")), weights_only=True)["model"]
+    assert "backbone.conv1.weight" in state and not any("_orig_mod" in key for key in state)
+
+
 def test_adamw_fp16_channels_last_constant_schedule(tmp_path: Path, cifar10_subset: dict) -> None:
     path = experiment(tmp_path, cifar10_subset, evaluators=[],
                       train={"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 3, "log_every_steps": 1,

@@ -8,15 +8,17 @@ applied independently to make two views of each image.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import albumentations as A
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
 
 from sslcore import hookimpl
 from sslcore.hookspecs import Register
+
+if TYPE_CHECKING:  # imported where a pipeline is built, not when the registry loads (startup time)
+    import albumentations as A
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,6 +68,8 @@ class MoCoV2Augmentation:
     num_views = 2
 
     def __init__(self, config: MoCoV2Config) -> None:
+        import albumentations as A
+
         size = config.size
         blur = ([A.GaussianBlur(sigma_limit=(0.1, 2.0), blur_limit=0, p=0.5)]
                 if size >= config.blur_min_size else [])

@@ -7,14 +7,16 @@ An encoder is a plain ``torchvision.models.ResNet`` whose ``fc`` is ``nn.Identit
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torchvision import models
 
 from sslcore import hookimpl
 from sslcore.hookspecs import Register
+
+if TYPE_CHECKING:  # torchvision is imported where a model is built: ~2 s that `sslcore run`'s driver skips
+    from torchvision import models
 
 Arch = Literal["resnet18", "resnet50"]
 
@@ -55,6 +57,8 @@ def plain_torchvision_resnet(arch: Arch, cifar_stem: bool, maxpool: bool | None 
             model.maxpool = nn.Identity()          # unless the encoder had maxpool: true
         model.load_state_dict(torch.load("encoder.pt"))
     """
+    from torchvision import models
+
     model = getattr(models, arch)(weights=None)
     model.fc = nn.Identity()
     _use_stem(model, cifar_stem, maxpool)
@@ -66,6 +70,8 @@ def build_resnet(arch: Arch, config: ResNetConfig) -> models.ResNet:
 
     ``forward(x: N x 3 x H x W) -> N x feature_dim``, the globally average-pooled last stage.
     """
+    from torchvision import models
+
     model = getattr(models, arch)(weights=None, zero_init_residual=config.zero_init_residual)
     model.feature_dim = model.fc.in_features
     model.fc = nn.Identity()

@@ -141,6 +141,7 @@ class Trainer:
         self.device = session.device
         self.autocast_dtype = AUTOCAST_DTYPES[resolve_precision(self.train_cfg["precision"], self.device)]
         self.channels_last = self.train_cfg["channels_last"]
+        self.bar = None  # a progress bar, made by fit() for a person at a terminal
 
     # -- set-up --------------------------------------------------------------------------------------
 
@@ -194,7 +195,10 @@ class Trainer:
             global_batch_size=self.train_cfg["batch_size"], steps_per_epoch=self.steps_per_epoch,
             epochs=self.epochs, device=self.device, run_dir=self.run_dir, registry=self.registry,
             eval_context=self.eval_context)
-        method = build_method(self.cfg, self.registry, self.method_context)
+        try:
+            method = build_method(self.cfg, self.registry, self.method_context)
+        except ConfigError as exc:
+            raise ConfigError(*(f"{self.spec['source'] or 'experiment'}: {line}" for line in exc.lines)) from None
         if self.channels_last:
             method = method.to(memory_format=torch.channels_last)
         if self.train_cfg["compile"]:
