@@ -25,7 +25,9 @@ def main() -> None:
             rows.append((f"1. overhead, model only, {label}",
                          f"bare {row['bare_img_s']:.1f} img/s, sslcore {row['sslcore_img_s']:.1f} img/s",
                          f"{row['ratio']:.3f}", ">= 0.97"))
-            bars += [(f"bare {row['config']}", row["bare_img_s"]), (f"sslcore {row['config']}", row["sslcore_img_s"])]
+            note = "" if name.endswith("shuffle-off") else f" ({name.rsplit('_', 1)[-1]})"
+            bars += [(f"bare {row['config']}{note}", row["bare_img_s"]),
+                     (f"sslcore {row['config']}{note}", row["sslcore_img_s"])]
     for name in sorted(p.stem for p in RESULTS.glob("end_to_end_*.json")):
         data = load(name)
         tag = name.removeprefix("end_to_end_")
