@@ -49,8 +49,6 @@ class AdamWConfig(_Model):
 OPTIMIZERS: dict[str, type[BaseModel]] = {"sgd": SGDConfig, "adamw": AdamWConfig}
 
 
-CONFIG_FILE = "config.yaml"  # the resolved experiment, saved in each run folder
-
 # -- the experiment file ----------------------------------------------------------------------------------
 
 class TrainConfig(_Model):

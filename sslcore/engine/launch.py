@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,14 +15,14 @@ from typing import Any
 import torch
 import yaml
 
-from sslcore.config import CONFIG_FILE, Resolved
+from sslcore.config import Resolved
 from sslcore.engine.context import MethodContext
 from sslcore.engine.loop import ERROR_FILE, build_method, make_spec, train_loop_per_worker
-from sslcore.engine.raystart import init_ray
 from sslcore.engine.session import CHECKPOINT_FILE
 from sslcore.errors import ConfigError, UserError
 from sslcore.registry import Registry
 
+CONFIG_FILE = "config.yaml"
 logger = logging.getLogger(__name__)
 
 
@@ -97,7 +100,29 @@ def _fit_on_ray(spec: dict[str, Any], resolved: Resolved, run_dir: Path, modules
     from ray.train.torch import TorchTrainer
 
     scaling = resolved.experiment.scaling
-    started_here = init_ray(address, modules)
+    # Plugin modules the workers cannot import (not installed) travel with the job; Ray takes local
+    # py_modules only at the job level, in ray.init.
+    job_env: dict[str, Any] = {"worker_process_setup_hook": "sslcore.engine.launch.quiet_ray_worker"}
+    local_modules = _uninstalled_module_paths(modules)
+    if local_modules:
+        job_env["py_modules"] = local_modules
+    started_here = not ray.is_initialized()
+    if started_here:
+        if address is None:
+            # Ray starts its workers at niceness 15, below its own processes (nice 0): on a machine whose
+            # cores the training worker is meant to fill, every wake-up of raylet, GCS or an idle actor then
+            # stalls one of its compute threads, and the whole parallel op waits for it. Measured on 2 cores:
+            # a bf16 ResNet step at 0.6-0.85x of in-process speed at nice 15, ~0.9x at nice 0 (bench/results.md).
+            os.environ.setdefault("RAY_worker_niceness", "0")
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False,
+                     runtime_env=job_env)
+        except ConnectionError as exc:
+            raise UserError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[-1]}); "
+                            f"check the address (ray status) or leave --address out to start a local one") from None
+    elif local_modules:
+        logger.warning("Ray was initialised before sslcore; plugin modules %s reach the workers only if they are "
+                       "importable there", local_modules)
     resources = ray.cluster_resources()
     print(f"sslcore: Ray cluster at {ray.get_runtime_context().gcs_address} ({resources.get('CPU', 0):g} CPUs, "
           f"{resources.get('GPU', 0):g} GPUs); {scaling.num_workers} worker(s)", flush=True)
@@ -133,3 +158,16 @@ def quiet_ray_worker() -> None:
     is absent, and Ray Train's placement-group cleaner would warn about it every second."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
         logging.ERROR)
+
+
+def _uninstalled_module_paths(modules: list[str]) -> list[str]:
+    """Folders or files of plugin modules that are importable here but not installed, for Ray's py_modules."""
+    installed = importlib.metadata.packages_distributions()
+    paths = []
+    for name in modules:
+        top = name.split(".")[0]
+        spec = importlib.util.find_spec(top)
+        if top in installed or spec is None or spec.origin is None:
+            continue
+        paths.append(spec.submodule_search_locations[0] if spec.submodule_search_locations else spec.origin)
+    return paths

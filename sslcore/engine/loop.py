@@ -122,7 +122,7 @@ def compile_submodules(method: torch.nn.Module) -> None:
     parameter names and checkpoints are unchanged. The method's own forward (queues, shuffles, gathers:
     data-dependent Python) stays eager."""
     for child in method.children():
-        if any(True for _ in child.parameters()):
+        if next(child.parameters(), None) is not None:
             child.compile()
 
 
