@@ -99,30 +99,53 @@ def test_split_batchnorm_normalizes_each_group_with_its_own_statistics() -> None
     with torch.no_grad():
         bn.weight.uniform_(0.5, 2.0)
         bn.bias.uniform_(-1.0, 1.0)
-    x = torch.randn(n, c, 5, 5) * 3 + 1
+    x = (torch.randn(n, c, 5, 5) * 3 + 1).requires_grad_()
+    grad_out = torch.randn(n, c, 5, 5)
 
     out = bn(x)
+    out.backward(grad_out)
 
-    expected = torch.empty_like(x)
-    expected_mean, expected_var = torch.zeros(c), torch.zeros(c)
-    for g in range(splits):  # group g: samples g, g + splits, g + 2 splits, ...
-        group = x[g::splits]
-        expected[g::splits] = F.batch_norm(group, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
-        expected_mean += (0.9 * 0 + 0.1 * group.mean(dim=(0, 2, 3))) / splits
-        expected_var += (0.9 * 1 + 0.1 * group.var(dim=(0, 2, 3), unbiased=True)) / splits
+    # the reference: each group (a contiguous slice of n / splits samples) through plain batch norm
+    x_ref = x.detach().clone().requires_grad_()
+    weight, bias = bn.weight.detach().clone().requires_grad_(), bn.bias.detach().clone().requires_grad_()
+    size = n // splits
+    groups = [x_ref[g * size:(g + 1) * size] for g in range(splits)]
+    expected = torch.cat([F.batch_norm(group, None, None, weight, bias, training=True, eps=bn.eps)
+                          for group in groups])
+    expected.backward(grad_out)
+    expected_mean = sum(0.1 * group.detach().mean(dim=(0, 2, 3)) for group in groups) / splits
+    expected_var = sum(0.9 + 0.1 * group.detach().var(dim=(0, 2, 3), unbiased=True) for group in groups) / splits
     torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(bn.weight.grad, weight.grad)
+    torch.testing.assert_close(bn.bias.grad, bias.grad)
     torch.testing.assert_close(bn.running_mean, expected_mean)
     torch.testing.assert_close(bn.running_var, expected_var)
     assert int(bn.num_batches_tracked) == 1
 
-    channels_last = bn(x.contiguous(memory_format=torch.channels_last))
+    x_channels_last = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    channels_last = bn(x_channels_last)
+    channels_last.backward(grad_out.contiguous(memory_format=torch.channels_last))
     assert channels_last.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(channels_last, expected)
+    torch.testing.assert_close(x_channels_last.grad, x_ref.grad)
 
     plain = nn.BatchNorm2d(c)
     assert list(bn.state_dict()) == list(plain.state_dict())
     plain.load_state_dict(bn.state_dict())
     torch.testing.assert_close(bn.eval()(x), plain.eval()(x))
+
+
+def test_split_batchnorm_under_bf16_autocast_matches_plain_batch_norm_per_group() -> None:
+    torch.manual_seed(0)
+    bn = SplitBatchNorm(4, num_splits=2).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bn(x.bfloat16())
+    expected = torch.cat([F.batch_norm(group, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+                          for group in x.bfloat16().float().chunk(2)])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
 
 def test_split_batchnorm_refuses_groups_too_small_for_batch_statistics() -> None:

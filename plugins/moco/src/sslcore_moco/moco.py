@@ -70,10 +70,12 @@ class MoCoProjectionHead(nn.Sequential):
 class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d that normalizes ``num_splits`` groups of the batch separately, as that many workers would.
 
-    Group g holds samples g, g + num_splits, g + 2 num_splits, ...: seen as N/num_splits x (num_splits C) x
-    H x W, the batch has one BN channel per (group, channel) pair, so a single ``batch_norm`` call does all
-    groups. The running statistics are the mean of the groups'. In eval mode this is a plain BatchNorm2d;
-    parameters, buffers and state_dict keys are BatchNorm2d's, so trained weights load into plain models.
+    Group g holds the g-th contiguous slice of the batch (samples g N/s ... (g + 1) N/s - 1). Each slice is
+    normalized by torch's own batch-norm kernels, writing into one output, so a channels_last batch is
+    never copied to another layout (the official demo's N/s x sC x H x W view needs the contiguous one,
+    and converting back and forth cost 22% of a MoCo step here: bench/results.md). The running
+    statistics are the mean of the groups'. In eval mode this is a plain BatchNorm2d; parameters,
+    buffers and state_dict keys are BatchNorm2d's, so trained weights load into plain models.
     """
 
     def __init__(self, num_features: int, num_splits: int, **kwargs) -> None:
@@ -91,18 +93,17 @@ class SplitBatchNorm(nn.BatchNorm2d):
         if n // s * h * w == 1:
             raise ValueError(f"SplitBatchNorm: {s} groups of one {h}x{w} sample leave one value per channel for "
                              f"the batch statistics; use a larger batch size or a smaller bn_splits")
-        running_mean = running_var = weight = bias = None
-        if self.running_mean is not None:  # each group updates its own copy; the copies are averaged below
-            running_mean, running_var = self.running_mean.repeat(s), self.running_var.repeat(s)
-        if self.affine:
-            weight, bias = self.weight.repeat(s), self.bias.repeat(s)
-        out = F.batch_norm(input.reshape(n // s, s * c, h, w), running_mean, running_var, weight, bias,
-                           True, self._exponential_average_factor(), self.eps)
-        if running_mean is not None:
+        weight = self.weight if self.affine else input.new_ones(c, dtype=torch.float32)
+        bias = self.bias if self.affine else input.new_zeros(c, dtype=torch.float32)
+        out, mean, invstd = _GroupBatchNorm.apply(input, weight, bias, s, self.eps)
+        if self.running_mean is not None:
             with torch.no_grad():
-                self.running_mean.copy_(running_mean.view(s, c).mean(0))
-                self.running_var.copy_(running_var.view(s, c).mean(0))
-        return out.view(n, c, h, w).contiguous(memory_format=_memory_format(input))
+                factor = self._exponential_average_factor()
+                count = n // s * h * w
+                var = (invstd.pow(-2) - self.eps) * (count / (count - 1))  # unbiased, as BatchNorm2d keeps
+                self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(var.mean(0).to(self.running_var.dtype), factor)
+        return out
 
     def _exponential_average_factor(self) -> float:
         # as nn.BatchNorm2d: momentum None means a cumulative average over the batches seen
@@ -114,6 +115,39 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_splits={self.num_splits}"
+
+
+class _GroupBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm of each of ``s`` contiguous slices of the batch, in the input's layout.
+
+    Returns the output and each group's mean and 1/sqrt(var + eps) (s x C), the statistics torch's kernels
+    save for their backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s: int,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = torch.empty_like(x)
+        mean = x.new_empty((s, x.shape[1]), dtype=weight.dtype)  # s x C
+        invstd = torch.empty_like(mean)
+        for g, (x_g, out_g) in enumerate(zip(x.chunk(s), out.chunk(s))):
+            torch.ops.aten.native_batch_norm.out(x_g, weight, bias, None, None, True, 0.0, eps,
+                                                 out=out_g, save_mean=mean[g], save_invstd=invstd[g])
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor, _mean: torch.Tensor, _invstd: torch.Tensor):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad_out = grad_out.contiguous(memory_format=_memory_format(x))  # the kernels want one layout
+        grad_x = torch.empty_like(x)
+        grad_weight, grad_bias = torch.empty_like(mean), torch.empty_like(mean)  # per group, summed below
+        for g, (x_g, grad_out_g, grad_x_g) in enumerate(zip(x.chunk(len(mean)), grad_out.chunk(len(mean)),
+                                                            grad_x.chunk(len(mean)))):
+            torch.ops.aten.native_batch_norm_backward.out(
+                grad_out_g, x_g, weight, None, None, mean[g], invstd[g], True, ctx.eps, [True, True, True],
+                out0=grad_x_g, out1=grad_weight[g], out2=grad_bias[g])
+        return grad_x, grad_weight.sum(0), grad_bias.sum(0), None, None
 
 
 def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
