@@ -115,7 +115,7 @@ def _check_evaluator(registry: Registry, name: str, build: Callable[..., Any], t
     evaluator = build({"data": block})
     aug = registry.get("augmentation", "moco_v2").build({"size": 32})
     context = EvalContext(registry=registry, eval_transform=aug.eval, train_data=block,
-                          device=torch.device("cpu"), batch_size=4, num_workers=0)
+                          device=torch.device("cpu"), batch_size=4, num_workers=0, run_dir=tmp)
     encoder = registry.get("encoder", "resnet18").build({"cifar_stem": False}).eval()
     results = evaluator.evaluate(encoder, context)
     if not results or not all(isinstance(v, float) for v in results.values()):
@@ -123,9 +123,21 @@ def _check_evaluator(registry: Registry, name: str, build: Callable[..., Any], t
 
 
 def _check_clustering(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
-    clustering = build({})
-    if clustering.fit(torch.nn.functional.normalize(torch.randn(64, 8), dim=1)) is None:
-        raise AssertionError(f"{name}: fit() returned nothing")
+    clustering = build({"num_clusters": [4, 8]})  # two granularities, small enough for 64 samples
+    if list(clustering.num_clusters) != [4, 8]:
+        raise AssertionError(f"{name}: num_clusters must list K of each granularity, got {clustering.num_clusters}")
+    results = clustering.fit(torch.nn.functional.normalize(torch.randn(64, 8), dim=1))
+    if [r.centroids.shape for r in results] != [(4, 8), (8, 8)]:
+        raise AssertionError(f"{name}: fit() must return one result per granularity with K x D centroids")
+    for result in results:
+        k = result.centroids.shape[0]
+        if result.assignments.shape != (64,) or not 0 <= int(result.assignments.min()) <= int(
+                result.assignments.max()) < k:
+            raise AssertionError(f"{name}: assignments must be N cluster ids in [0, K)")
+        if not torch.allclose(result.centroids.norm(dim=1), torch.ones(k), atol=1e-4):
+            raise AssertionError(f"{name}: centroids must be L2-normalised")
+        if result.distances.shape != (64,) or bool((result.distances < 0).any()):
+            raise AssertionError(f"{name}: distances must be N non-negative squared distances")
 
 
 def _check_method(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:

@@ -78,8 +78,10 @@ def register_negative_sources(register: Register) -> None:
 def register_clusterings(register: Register) -> None:
     """Register clustering algorithms (the ``clustering`` block), used by methods such as PCL.
 
-    ``factory(config) -> clustering`` with ``fit(features: N x D tensor) -> object``; the result type is
-    agreed between the clustering and the method that uses it (assignments, centroids, distances).
+    ``factory(config) -> clustering`` with ``num_clusters: list[int]`` (K of each granularity) and
+    ``fit(features: N x D tensor) -> list[sslcore.components.clustering.ClusterResult]``, one result per
+    granularity in that order: each sample's cluster, the L2-normalised centroids and each sample's
+    squared distance to its centroid. Raise ``ValueError`` for a setting the data cannot satisfy.
     """
 
 
@@ -132,9 +134,12 @@ def register_methods(register: Register) -> None:
     global batch size, total steps). The module must provide:
 
     - ``forward(views: list[Tensor]) -> dict[str, Tensor]`` — one training step's loss under ``"loss"``
-      and any scalar metrics; it is called through DDP when there are several workers;
+      and any scalar metrics; it is called through DDP when there are several workers. A ``forward`` that
+      also takes ``index`` gets the batch's dataset indices (N, long), for per-sample state;
     - ``backbone: torch.nn.Module`` — the encoder that evaluators use and ``sslcore export`` writes.
 
-    Optional: ``on_epoch_start(epoch: int, context)`` for work between epochs (an E-step). Method state
-    that must survive a resume lives in buffers or submodules, so ``state_dict()`` holds it.
+    Optional: ``on_epoch_start(epoch: int, context) -> dict | None`` for work between epochs (an E-step),
+    called on every worker; what it returns (floats, or 1-D tensors as distributions) is tracked.
+    ``context.dataset_size`` sizes per-sample state. Method state that must survive a resume lives in
+    buffers or submodules, so ``state_dict()`` holds it.
     """

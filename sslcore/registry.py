@@ -48,6 +48,7 @@ BUILTIN_MODULES = (
     "sslcore.components.encoders",
     "sslcore.components.negatives",
     "sslcore.components.losses",
+    "sslcore.components.clustering",
     "sslcore.components.evaluators",
     "sslcore.data.datasets",
 )

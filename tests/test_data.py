@@ -140,7 +140,8 @@ def test_unreadable_images_are_logged_once_and_skipped(folder, broken_folder, ca
     evaluation = EvalDataset(dataset, CropViews().eval)
     with caplog.at_level(logging.WARNING, logger="sslcore.data"):
         for _ in range(2):
-            crops, label = views[1]
+            crops, label, index = views[1]
+            assert index == 1  # the requested position: per-sample state (PCL) follows the dataset's order
             assert len(crops) == 2
             assert crops[0].shape == (3, 16, 16)
             assert label == 0
@@ -156,7 +157,7 @@ def test_training_loader_keeps_full_batches_past_broken_images(folder, broken_fo
                         worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(0))
     batches = list(loader)
     assert len(batches) == 2
-    for views, labels in batches:
+    for views, labels, _ in batches:
         assert len(views) == 2
         assert views[0].shape == (3, 3, 16, 16)
         assert labels.tolist() == [0, 0, 0]
@@ -204,14 +205,14 @@ def test_cifar10_missing_without_download_names_root(registry, tmp_path):
 def test_seed_worker_makes_augmented_batches_reproducible(folder, cifar10_subset):
     dataset = MultiViewDataset(folder(cifar10_subset["train"], max_per_class=2), CropViews())
 
-    def batches(seed: int) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    def batches(seed: int) -> list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
         return list(DataLoader(dataset, batch_size=5, shuffle=True, num_workers=2, worker_init_fn=seed_worker,
                                generator=torch.Generator().manual_seed(seed)))
 
     run, rerun = batches(0), batches(0)
     assert len(run) == 4
-    for (views, labels), (views_again, labels_again) in zip(run, rerun, strict=True):
-        assert torch.equal(labels, labels_again)
+    for (views, labels, index), (views_again, labels_again, index_again) in zip(run, rerun, strict=True):
+        assert torch.equal(labels, labels_again) and torch.equal(index, index_again)
         assert all(torch.equal(a, b) for a, b in zip(views, views_again, strict=True))
     assert not all(torch.equal(a[0][0], b[0][0]) for a, b in zip(run, batches(1), strict=True))
 
@@ -223,7 +224,7 @@ def test_seed_worker_reseeds_the_augmentation(folder, cifar10_subset):
     def views(seed: int) -> torch.Tensor:
         loader = DataLoader(dataset, batch_size=5, num_workers=2, worker_init_fn=seed_worker,
                             generator=torch.Generator().manual_seed(seed))
-        return torch.cat([torch.cat(batch_views) for batch_views, _ in loader])
+        return torch.cat([torch.cat(batch_views) for batch_views, _, _ in loader])
 
     assert not torch.equal(views(0), views(1))
 
@@ -236,7 +237,8 @@ def test_datasets_wrappers_and_errors_pickle(folder, cifar10_subset):
     assert clone[5][1] == dataset[5][1]
     evaluation = EvalDataset(dataset, CropViews().eval)
     torch.testing.assert_close(pickle.loads(pickle.dumps(evaluation))[7][0], evaluation[7][0])
-    views, label = pickle.loads(pickle.dumps(MultiViewDataset(dataset, CropViews())))[7]
+    views, label, index = pickle.loads(pickle.dumps(MultiViewDataset(dataset, CropViews())))[7]
+    assert index == 7
     assert len(views) == 2
     assert label == 3
     error = pickle.loads(pickle.dumps(UnreadableImage("/x.jpg", "OSError: truncated")))

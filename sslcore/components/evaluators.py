@@ -1,9 +1,13 @@
 """Evaluators that measure a backbone's features during and after training.
 
-``knn`` is the weighted k-nearest-neighbour classifier of InstDisc (Wu et al. 2018, "Unsupervised
-Feature Learning via Non-Parametric Instance Discrimination"), the monitor used by lightly and
-solo-learn: each test image takes the k training images whose features are most similar (cosine),
-and each neighbour votes for its class with weight exp(s / tau).
+- ``knn`` is the weighted k-nearest-neighbour classifier of InstDisc (Wu et al. 2018, "Unsupervised
+  Feature Learning via Non-Parametric Instance Discrimination"), the monitor used by lightly and
+  solo-learn: each test image takes the k training images whose features are most similar (cosine),
+  and each neighbour votes for its class with weight exp(s / tau).
+- ``clustering_quality``: k-means (faiss) of the L2-normalised test features into as many clusters as
+  classes, scored against the labels by adjusted mutual information, NMI and adjusted Rand index (the
+  analysis of PCL, Li et al. 2021, Table 5).
+- ``embedding_plot``: a t-SNE map of test features coloured by class, as a PNG in the run folder.
 """
 
 from __future__ import annotations
@@ -100,6 +104,96 @@ class KNNEvaluator:
         return features, labels
 
 
+class ClusteringQualityConfig(BaseModel):
+    """Parameters of the clustering-quality evaluator."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_clusters: int | None = Field(None, ge=2, description="k of k-means; None: the number of classes")
+    seed: int = Field(0, description="k-means seed")
+    every_epochs: int = Field(10, ge=0, description="Evaluate every this many epochs; 0: only at the end.")
+    data: dict[str, Any] = Field(description="The labelled test set, a dataset block.",
+                                 json_schema_extra=DATASET_BLOCK)
+
+
+class ClusteringQualityEvaluator:
+    """AMI, NMI and ARI between k-means clusters of the test features and the test labels."""
+
+    def __init__(self, config: ClusteringQualityConfig) -> None:
+        self.config = config
+        self.every_epochs = config.every_epochs
+
+    def evaluate(self, backbone: nn.Module, context: EvalContext) -> dict[str, float]:
+        from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
+
+        features, labels = context.features(backbone, self.config.data)
+        if (labels < 0).any():
+            raise UserError(f"clustering_quality needs labelled data: evaluators[clustering_quality].data "
+                            f"({self.config.data.get('root', self.config.data)}) has no class labels")
+        k = self.config.num_clusters or int(labels.max()) + 1
+        kmeans = context.registry.build("clustering", {"name": "faiss_kmeans", "num_clusters": [k],
+                                                       "seed": self.config.seed, "nredo": 5})
+        clusters = kmeans.fit(F.normalize(features, dim=1))[0].assignments.numpy()
+        labels = labels.numpy()
+        return {"ami": float(adjusted_mutual_info_score(labels, clusters)),
+                "nmi": float(normalized_mutual_info_score(labels, clusters)),
+                "ari": float(adjusted_rand_score(labels, clusters))}
+
+
+class EmbeddingPlotConfig(BaseModel):
+    """Parameters of the embedding plot."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_points: int = Field(2000, ge=10, description="Plot a fixed random subset of this many test images "
+                                                     "(t-SNE is quadratic in the points)")
+    perplexity: float = Field(30.0, gt=0, description="t-SNE perplexity")
+    seed: int = Field(0, description="Seed of the subset and of t-SNE")
+    every_epochs: int = Field(0, ge=0, description="Plot every this many epochs; 0: only at the end.")
+    data: dict[str, Any] = Field(description="The test set, a dataset block (labelled: coloured by class).",
+                                 json_schema_extra=DATASET_BLOCK)
+
+
+class EmbeddingPlotEvaluator:
+    """t-SNE (scikit-learn) of L2-normalised test features, coloured by class, written to
+    ``RUN_DIR/embedding_tsne_<epoch>.png``; returns t-SNE's final KL divergence (how well the map fits)."""
+
+    def __init__(self, config: EmbeddingPlotConfig) -> None:
+        self.config = config
+        self.every_epochs = config.every_epochs
+
+    def evaluate(self, backbone: nn.Module, context: EvalContext) -> dict[str, float]:
+        from matplotlib.figure import Figure
+        from sklearn.manifold import TSNE
+
+        if context.run_dir is None:
+            raise UserError("embedding_plot writes a PNG into the run folder, and this evaluation has none")
+        features, labels = context.features(backbone, self.config.data)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        subset = torch.randperm(len(features), generator=generator)[:self.config.max_points]
+        features, labels = F.normalize(features[subset], dim=1).numpy(), labels[subset].numpy()
+        tsne = TSNE(n_components=2, perplexity=min(self.config.perplexity, (len(features) - 1) / 3),
+                    init="pca", random_state=self.config.seed)
+        points = tsne.fit_transform(features)
+        classes = context.classes(self.config.data)
+        figure = Figure(figsize=(7, 6), dpi=100)
+        axes = figure.add_subplot()
+        for label in sorted(set(labels.tolist())):
+            chosen = labels == label
+            name = classes[label] if 0 <= label < len(classes) else "unlabeled"
+            axes.scatter(points[chosen, 0], points[chosen, 1], s=4, label=name)
+        epoch = "init" if context.epoch < 0 else f"epoch{context.epoch + 1:03d}"
+        axes.set_title(f"t-SNE of {len(features)} test features, {epoch}")
+        axes.set_xticks([])
+        axes.set_yticks([])
+        axes.legend(markerscale=3, fontsize=7, loc="best")
+        figure.tight_layout()
+        figure.savefig(context.run_dir / f"embedding_tsne_{epoch}.png")
+        return {"tsne_kl_divergence": float(tsne.kl_divergence_)}
+
+
 @hookimpl
 def register_evaluators(register: Register) -> None:
     register("knn", KNNEvaluator, config=KNNConfig)
+    register("clustering_quality", ClusteringQualityEvaluator, config=ClusteringQualityConfig)
+    register("embedding_plot", EmbeddingPlotEvaluator, config=EmbeddingPlotConfig)

@@ -91,15 +91,16 @@ class _SkipUnreadable(Dataset):
 
 
 class MultiViewDataset(_SkipUnreadable):
-    """Training items: ``(views, label)`` with ``views = augmentation.views(image)``."""
+    """Training items: ``(views, label, index)`` with ``views = augmentation.views(image)``; ``index`` is the
+    item's position in the dataset, for methods that keep per-sample state (PCL's cluster assignments)."""
 
     def __init__(self, dataset: Dataset, augmentation: Augmentation) -> None:
         super().__init__(dataset)
         self.augmentation = augmentation
 
-    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int]:
+    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int, int]:
         image, label = self._read(index)
-        return self.augmentation.views(image), label
+        return self.augmentation.views(image), label, index
 
     def set_seed(self, seed: int) -> None:
         """Reseed the augmentation (each DataLoader worker, through :func:`seed_worker`)."""

@@ -27,6 +27,7 @@ class MethodContext:
     run_dir: Path | None = None
     registry: Registry | None = None
     eval_context: EvalContext | None = None
+    dataset_size: int = 0  # images in the training set (all workers): per-sample state is sized by it
 
     @property
     def total_steps(self) -> int:
@@ -46,6 +47,7 @@ class EvalContext:
     epoch: int = 0
     channels_last: bool = False
     autocast_dtype: torch.dtype | None = None
+    run_dir: Path | None = None  # where evaluators write pictures (PNG)
 
     def dataset(self, block: dict[str, Any] | None = None) -> torch.utils.data.Dataset:
         """The dataset of ``block`` (the training data when None), items ``(tensor, label)``."""

@@ -10,6 +10,7 @@ and the augmentation from ``(seed, epoch, rank)``, so a resumed run repeats the 
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import math
@@ -189,12 +190,12 @@ class Trainer:
         self.eval_context = EvalContext(
             registry=self.registry, eval_transform=augmentation.eval, train_data=self.cfg["data"],
             device=self.device, batch_size=max(self.batch_size, 256), num_workers=self.loader_workers,
-            channels_last=self.channels_last, autocast_dtype=self.autocast_dtype)
+            channels_last=self.channels_last, autocast_dtype=self.autocast_dtype, run_dir=self.run_dir)
         self.method_context = MethodContext(
             world_size=self.session.world_size, rank=self.session.rank,
             global_batch_size=self.train_cfg["batch_size"], steps_per_epoch=self.steps_per_epoch,
             epochs=self.epochs, device=self.device, run_dir=self.run_dir, registry=self.registry,
-            eval_context=self.eval_context)
+            eval_context=self.eval_context, dataset_size=len(self.dataset))
         try:
             method = build_method(self.cfg, self.registry, self.method_context)
         except ConfigError as exc:
@@ -205,6 +206,8 @@ class Trainer:
             compile_submodules(method)
         self.model = self.session.prepare_model(method)
         self.method = unwrap(self.model)
+        # methods with per-sample state (PCL) take the batch's dataset indices
+        self.pass_index = "index" in inspect.signature(self.method.forward).parameters
         self.optimizer = build_optimizer(self.method, self.train_cfg["optimizer"])
         warmup_steps = round(self.train_cfg["warmup_epochs"] * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -259,11 +262,13 @@ class Trainer:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         return [v.to(self.device, non_blocking=True, memory_format=memory_format) for v in views]
 
-    def train_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One optimisation step on a batch of views already on the device; returns the method's outputs."""
+    def train_step(self, views: list[torch.Tensor], index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch of views already on the device; returns the method's outputs.
+        ``index``: the images' dataset indices, passed on to methods whose ``forward`` takes ``index``."""
+        kwargs = {"index": index.to(self.device, non_blocking=True)} if self.pass_index and index is not None else {}
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            out = self.model(views)
+            out = self.model(views, **kwargs)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out["loss"]).backward()
         self.scaler.step(self.optimizer)
@@ -279,8 +284,7 @@ class Trainer:
         self.dataset.set_seed(seed)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
-        if hasattr(self.method, "on_epoch_start"):
-            self.method.on_epoch_start(epoch, self.method_context)
+        start_metrics = self.epoch_start(epoch)
         self.model.train()
         bar = self.bar  # None unless a person watches at a terminal
         log_every = self.train_cfg["log_every_steps"]
@@ -288,8 +292,8 @@ class Trainer:
         epoch_sum, window_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         window_steps = images = window_images = 0
         epoch_start = window_start = time.perf_counter()
-        for i, (views, _) in enumerate(itertools.islice(self.loader, self.steps_per_epoch)):
-            out = self.train_step(self._images(views))
+        for i, (views, _, index) in enumerate(itertools.islice(self.loader, self.steps_per_epoch)):
+            out = self.train_step(self._images(views), index)
             loss = out["loss"]
             if self.step == 1 and self.is_main and self.spec.get("launched_at"):
                 startup = time.time() - self.spec["launched_at"]
@@ -319,7 +323,17 @@ class Trainer:
                 bar.update(1)
         elapsed = time.perf_counter() - epoch_start
         return {"epoch": epoch, "step": self.step, "loss": float(epoch_sum) / (i + 1),
-                "img_per_s": images / elapsed, "epoch_seconds": elapsed}
+                "img_per_s": images / elapsed, "epoch_seconds": elapsed, **start_metrics}
+
+    def epoch_start(self, epoch: int) -> dict[str, float]:
+        """The method's ``on_epoch_start`` (an E-step); its scalar metrics are returned for the epoch's line,
+        and all it returns (distributions too) goes to the tracker."""
+        if not hasattr(self.method, "on_epoch_start"):
+            return {}
+        metrics = self.method.on_epoch_start(epoch, self.method_context) or {}
+        if self.tracker is not None and metrics:
+            self.tracker.log(metrics, step=self.step, epoch=epoch, subset="epoch_start")
+        return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
     def _check_finite(self, loss: float, epoch: int) -> None:
         if not math.isfinite(loss):

@@ -6,6 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+HISTOGRAM_BINS = 32
+
 
 class Tracker:
     """Writes metrics to ``run_dir/metrics.jsonl`` and, when configured, to an aim run.
@@ -32,13 +37,26 @@ class Tracker:
     def run_hash(self) -> str | None:
         return self.aim_run.hash if self.aim_run is not None else None
 
-    def log(self, metrics: dict[str, float], step: int, epoch: int, subset: str) -> None:
-        """Record scalar ``metrics`` at a global ``step``; ``subset`` is "train" or "eval"."""
+    def log(self, metrics: dict[str, Any], step: int, epoch: int, subset: str) -> None:
+        """Record ``metrics`` at a global ``step``; ``subset`` is "train", "eval" or "epoch_start".
+
+        A value is a float, or a 1-D tensor of samples (cluster sizes, say): a distribution, kept in
+        metrics.jsonl as a histogram ``{"bin_edges": [...], "counts": [...]}`` and in aim as a Distribution.
+        """
+        distributions = {k: v.detach().cpu().double().numpy() for k, v in metrics.items()
+                         if isinstance(v, torch.Tensor)}
         record = {"subset": subset, "epoch": epoch, "step": step, **metrics}
+        for key, samples in distributions.items():
+            counts, edges = np.histogram(samples, bins=HISTOGRAM_BINS)
+            record[key] = {"bin_edges": edges.tolist(), "counts": counts.tolist()}
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
         if self.aim_run is not None:
+            import aim
+
             for key, value in metrics.items():
+                if key in distributions:
+                    value = aim.Distribution(samples=distributions[key], bin_count=HISTOGRAM_BINS)
                 self.aim_run.track(value, name=key, step=step, epoch=epoch, context={"subset": subset})
 
     def close(self) -> None:

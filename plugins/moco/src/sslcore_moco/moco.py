@@ -184,15 +184,20 @@ class MoCo(nn.Module):
         self.loss = loss
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        q, k = self.queries_and_keys(views)
+        negatives, exclude = self.negative_source.negatives(q, k)  # negatives: K x D, exclude: N x K or None
+        loss = self.loss(q, k, negatives, exclude)
+        self.negative_source.update(k)
+        return {"loss": loss}
+
+    def queries_and_keys(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """q = f_q(x^q) and k = f_k(x^k), both N x D and L2-normalised, after the momentum update of f_k."""
         im_q, im_k = views[0], views[1]  # x^q, x^k: N x 3 x H x W, two views of the same N images
         q = F.normalize(self.head(self.backbone(im_q)).float(), dim=1)  # q: N x D
         with torch.no_grad():
             self.momentum_update_key_encoder()
             k = self.keys(im_k)  # k: N x D, row i the positive of q row i
-        negatives, exclude = self.negative_source.negatives(q, k)  # negatives: K x D, exclude: N x K or None
-        loss = self.loss(q, k, negatives, exclude)
-        self.negative_source.update(k)
-        return {"loss": loss}
+        return q, k
 
     @torch.no_grad()
     def momentum_update_key_encoder(self) -> None:
