@@ -78,10 +78,23 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def cpu_name() -> str:
+    """The processor, and its native bf16 support: absolute numbers and bf16 gains depend on both."""
+    model, flags = "unknown CPU", []
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line.split()
+    native = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{model}, {os.cpu_count()} vCPU" + (f", {' '.join(native)}" if native else "")
+
+
 def save(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     payload = {"command": os.environ.get("BENCH_COMMAND", ""), "measured_at": time.strftime("%Y-%m-%d %H:%M"),
-               **payload}
+               "cpu": cpu_name(), **payload}
     path.write_text(json.dumps(payload, indent=2))
     return path

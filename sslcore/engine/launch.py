@@ -102,7 +102,9 @@ def _fit_on_ray(spec: dict[str, Any], resolved: Resolved, run_dir: Path, modules
     scaling = resolved.experiment.scaling
     # Plugin modules the workers cannot import (not installed) travel with the job; Ray takes local
     # py_modules only at the job level, in ray.init.
-    job_env: dict[str, Any] = {"worker_process_setup_hook": "sslcore.engine.launch.quiet_ray_worker"}
+    # The hook runs in every process of the job, Ray's own actors too: its module imports no torch
+    # (this module's import of torch cost ~2.5 s of start-up on 2 cores; bench/results.md).
+    job_env: dict[str, Any] = {"worker_process_setup_hook": "sslcore.ray_worker.quiet_ray_worker"}
     local_modules = _uninstalled_module_paths(modules)
     if local_modules:
         job_env["py_modules"] = local_modules
@@ -151,13 +153,6 @@ def _fit_on_ray(spec: dict[str, Any], resolved: Resolved, run_dir: Path, modules
         if started_here:
             ray.shutdown()
     return dict(result.metrics or {})
-
-
-def quiet_ray_worker() -> None:
-    """Runs in each Ray worker process: without Ray's dashboard (not installed by ray[train]) the state API
-    is absent, and Ray Train's placement-group cleaner would warn about it every second."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
-        logging.ERROR)
 
 
 def _uninstalled_module_paths(modules: list[str]) -> list[str]:
