@@ -72,8 +72,8 @@ def test_clustering_quality_scores_clusters_against_labels(registry: Registry, c
     evaluator = registry.build("evaluator", {"name": "clustering_quality",
                                               "data": {"name": "image_folder", "root": str(cifar10_subset["test"])}})
     augmentation = registry.build("augmentation", {"name": "moco_v2", "size": 32})
-    context = EvalContext(registry=registry, eval_transform=augmentation.eval, train_data={}, device=torch.device("cpu"),
-                          batch_size=50, num_workers=0, run_dir=tmp_path)
+    context = EvalContext(registry=registry, eval_transform=augmentation.eval, train_data={},
+                          device=torch.device("cpu"), batch_size=50, num_workers=0, run_dir=tmp_path)
     torch.manual_seed(0)
     encoder = registry.build("encoder", {"name": "resnet18", "cifar_stem": True}).eval()
     scores = evaluator.evaluate(encoder, context)

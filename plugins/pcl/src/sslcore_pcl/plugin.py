@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-from sslcore_pcl.pcl import PCL, PCLConfig, ProtoNCEConfig, ProtoNCELoss
-
 from sslcore import hookimpl
 from sslcore.hookspecs import Register
+from sslcore_pcl.pcl import PCL, PCLConfig, ProtoNCEConfig, ProtoNCELoss
 
 
 @hookimpl
