@@ -148,6 +148,13 @@ def test_split_batchnorm_under_bf16_autocast_matches_plain_batch_norm_per_group(
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
 
+def test_split_batchnorm_without_affine_parameters_in_double_precision() -> None:
+    bn = SplitBatchNorm(3, num_splits=2, affine=False).double()
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    expected = torch.cat([F.batch_norm(group, None, None, training=True) for group in x.chunk(2)])
+    torch.testing.assert_close(bn(x), expected)
+
+
 def test_split_batchnorm_refuses_groups_too_small_for_batch_statistics() -> None:
     bn = SplitBatchNorm(3, num_splits=4)
     with pytest.raises(ValueError, match="use a larger batch size or a smaller bn_splits"):

@@ -93,8 +93,9 @@ class SplitBatchNorm(nn.BatchNorm2d):
         if n // s * h * w == 1:
             raise ValueError(f"SplitBatchNorm: {s} groups of one {h}x{w} sample leave one value per channel for "
                              f"the batch statistics; use a larger batch size or a smaller bn_splits")
-        weight = self.weight if self.affine else input.new_ones(c, dtype=torch.float32)
-        bias = self.bias if self.affine else input.new_zeros(c, dtype=torch.float32)
+        parameter_dtype = torch.promote_types(input.dtype, torch.float32)  # bf16/fp16 inputs keep fp32 statistics
+        weight = self.weight if self.affine else input.new_ones(c, dtype=parameter_dtype)
+        bias = self.bias if self.affine else input.new_zeros(c, dtype=parameter_dtype)
         out, mean, invstd = _GroupBatchNorm.apply(input, weight, bias, s, self.eps)
         if self.running_mean is not None:
             with torch.no_grad():
