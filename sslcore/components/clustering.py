@@ -13,7 +13,6 @@ its centroid (grouped by ``assignments``, these are the per-cluster distances PC
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,8 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sslcore import hookimpl
 from sslcore.hookspecs import Register
-
-logger = logging.getLogger("sslcore.clustering")
 
 
 @dataclass
