@@ -46,7 +46,16 @@ class AdamWConfig(_Model):
     eps: float = Field(1e-8, gt=0)
 
 
-OPTIMIZERS: dict[str, type[BaseModel]] = {"sgd": SGDConfig, "adamw": AdamWConfig}
+class LARSConfig(_Model):
+    lr: float = Field(0.3, gt=0, description="Base learning rate (for the whole global batch; SimCLR: 0.3 x B/256).")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-6, ge=0)
+    trust_coefficient: float = Field(0.001, gt=0, description="eta in the trust ratio eta ||w|| / ||g + wd w||.")
+    exclude_bias_and_norm: bool = Field(True, description="Biases and normalisation parameters (the 1-D ones) "
+                                                          "get neither weight decay nor the trust ratio.")
+
+
+OPTIMIZERS: dict[str, type[BaseModel]] = {"sgd": SGDConfig, "adamw": AdamWConfig, "lars": LARSConfig}
 
 
 # -- the experiment file ----------------------------------------------------------------------------------
@@ -55,7 +64,7 @@ class TrainConfig(_Model):
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(256, ge=1, description="Global batch size, split evenly over the workers.")
     optimizer: Block = Field(default_factory=lambda: {"name": "sgd"},
-                             description="{name: sgd|adamw, **params}")
+                             description="{name: sgd|adamw|lars, **params}")
     warmup_epochs: float = Field(0, ge=0, description="Linear warmup before the cosine schedule.")
     schedule: Literal["cosine", "constant"] = "cosine"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

@@ -6,6 +6,7 @@ images made here) and exercises the interface documented in :mod:`sslcore.hooksp
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import tempfile
 from collections.abc import Callable
@@ -78,12 +79,25 @@ def _check_loss(registry: Registry, name: str, build: Callable[..., Any], tmp: P
     loss_fn = build({})
     q = torch.nn.functional.normalize(torch.randn(4, 8), dim=1).requires_grad_()
     k = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
-    loss = loss_fn(q, k, torch.nn.functional.normalize(torch.randn(16, 8), dim=1), None)
+    if is_paired_loss(loss_fn):  # loss(z1, z2): the embeddings of two views
+        k.requires_grad_()
+        loss = loss_fn(q, k)
+    else:  # loss(q, k, negatives, exclude)
+        loss = loss_fn(q, k, torch.nn.functional.normalize(torch.randn(16, 8), dim=1), None)
     if loss.ndim != 0 or not torch.isfinite(loss):
         raise AssertionError(f"{name}: the loss must be a finite scalar, got {loss}")
     loss.backward()
     if q.grad is None:
         raise AssertionError(f"{name}: no gradient reached the queries")
+
+
+def is_paired_loss(loss_fn: torch.nn.Module) -> bool:
+    """True for a loss called ``loss(z1, z2)`` (two required arguments), False for a contrastive
+    ``loss(q, k, negatives, exclude)``."""
+    parameters = inspect.signature(loss_fn.forward).parameters.values()
+    required = [p for p in parameters if p.default is inspect.Parameter.empty
+                and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return len(required) == 2
 
 
 def _check_dataset(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:

@@ -37,3 +37,33 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(tensor, src)
     return tensor
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All workers' ``tensor`` concatenated along dim 0, in rank order, with gradient.
+
+    The backward pass sums the gradient of the gathered tensor over workers and hands each worker the
+    slice of its own rows, so every worker's loss reaches every worker's embeddings. With DDP averaging the
+    parameter gradients, training on W workers then computes the gradients of one worker on the global
+    batch (for a loss that every worker computes on the gathered tensor, or that is a per-worker mean).
+    Every worker must pass a tensor of the same shape; with one process this is the identity.
+    """
+    if not is_distributed():
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        ctx.rows = tensor.shape[0]
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # sum over workers: each worker's loss depends on every worker's rows
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]

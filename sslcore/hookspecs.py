@@ -89,9 +89,14 @@ def register_clusterings(register: Register) -> None:
 def register_losses(register: Register) -> None:
     """Register losses (the ``loss`` block).
 
-    ``factory(config) -> torch.nn.Module`` returning a scalar tensor. The call signature is the one the
-    method using the loss documents; contrastive methods such as MoCo call
-    ``loss(q: N x D, k: N x D, negatives: K x D, exclude: N x K bool | None)``.
+    ``factory(config) -> torch.nn.Module`` returning a scalar tensor, with one of two call signatures:
+
+    - contrastive, as MoCo calls it: ``loss(q: N x D, k: N x D, negatives: K x D, exclude: N x K bool | None)``;
+    - paired, as SimCLR, BYOL, Barlow Twins call it: ``loss(z1: N x D, z2: N x D)``, the embeddings of two
+      views of this worker's N images. A paired loss that needs the global batch (negatives from every
+      worker, statistics over all samples) gathers it with ``sslcore.distributed.gather_with_grad``.
+
+    The method using a loss documents which signature it calls.
     """
 
 

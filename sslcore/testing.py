@@ -87,3 +87,33 @@ def check_component(registry: Any, kind: str, name: str) -> None:
     from sslcore.contract import check
 
     check(registry, kind, name)
+
+
+def run_distributed(fn: Any, *args: Any, world_size: int = 2) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes of a real gloo process group (one
+    torch thread each) and return each rank's return value, in rank order.
+
+    ``fn`` must be a module-level function (it is pickled to the spawned processes); its return value is
+    passed back with ``torch.save`` (tensors, dicts, lists, numbers).
+    """
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_distributed_entry, args=(fn, args, world_size, tmp), nprocs=world_size, join=True)
+        return [torch.load(Path(tmp) / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
+
+
+def _distributed_entry(rank: int, fn: Any, args: tuple[Any, ...], world_size: int, tmp: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, Path(tmp) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -1,4 +1,5 @@
-"""The moco_v2 augmentation: view shapes, reproducible seeding, deterministic eval, blur only when large."""
+"""The augmentation recipes (moco_v2; simclr and byol at the end): view shapes, reproducible seeding,
+deterministic eval, blur only when large."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from sslcore.components.augmentations import MoCoV2Augmentation, MoCoV2Config
+from sslcore.registry import Registry
 
 
 @pytest.fixture
@@ -90,3 +92,26 @@ def test_blur_min_size_is_configurable():
 def test_invalid_config_is_rejected(params):
     with pytest.raises(ValidationError):
         MoCoV2Config(**params)
+
+
+def test_byol_views_are_asymmetric_and_simclr_scales_its_jitter(registry: Registry) -> None:
+    def steps(transform: A.Compose) -> dict[str, float]:
+        return {type(t).__name__: t.p for t in transform.transforms}
+
+    byol = registry.build("augmentation", {"name": "byol", "size": 64})
+    first, second = (steps(t) for t in byol.view_transforms)
+    assert first["GaussianBlur"] == 1.0 and "Solarize" not in first
+    assert second["GaussianBlur"] == 0.1 and second["Solarize"] == 0.2
+    # at 32 px the blur is left out (blur_min_size), the solarization stays
+    small = [steps(t) for t in registry.build("augmentation", {"name": "byol", "size": 32}).view_transforms]
+    assert all("GaussianBlur" not in s for s in small) and small[1]["Solarize"] == 0.2
+
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    byol.set_seed(3)
+    view1, view2 = byol.views(image)
+    assert not torch.equal(view1, view2)  # two pipelines with their own random streams
+
+    simclr = registry.build("augmentation", {"name": "simclr", "size": 32, "strength": 0.5})
+    jitter = next(t for t in simclr.view_transforms[0].transforms if isinstance(t, A.ColorJitter))
+    assert jitter.p == 0.8
+    assert tuple(jitter.brightness) == pytest.approx((0.6, 1.4)) and tuple(jitter.hue) == pytest.approx((-0.1, 0.1))

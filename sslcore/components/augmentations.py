@@ -1,9 +1,16 @@
 """Augmentation recipes, in albumentations on uint8 numpy images (several times faster than torchvision
 on the CPU, see MEASURED.md).
 
-``moco_v2`` is the recipe of MoCo v2 (Chen et al. 2020, "Improved Baselines with Momentum Contrastive
-Learning"): a random resized crop, color jitter, random grayscale, Gaussian blur and a horizontal flip,
-applied independently to make two views of each image.
+Each recipe makes two views of every image with random crops and colour distortions:
+
+- ``moco_v2``: MoCo v2 (Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning"): a random
+  resized crop, color jitter, random grayscale, Gaussian blur and a horizontal flip, the same for both views;
+- ``simclr``: SimCLR (Chen et al. 2020), its colour distortion of strength s: jitter 0.8s/0.8s/0.8s/0.2s
+  with p 0.8, grayscale p 0.2, blur p 0.5, crops of 8-100% of the area;
+- ``byol``: BYOL (Grill et al. 2020), asymmetric: view 1 always blurred and never solarized, view 2
+  blurred with p 0.1 and solarized with p 0.2 (Barlow Twins and VICReg use it too).
+
+Gaussian blur is left out below ``blur_min_size`` pixels (SimCLR's CIFAR-10 recipe leaves it out too).
 """
 
 from __future__ import annotations
@@ -50,6 +57,22 @@ class MoCoV2Config(BaseModel):
         return scale
 
 
+class SimCLRConfig(MoCoV2Config):
+    """Parameters of the SimCLR augmentation recipe."""
+
+    scale: tuple[AreaFraction, AreaFraction] = Field(
+        (0.08, 1.0), description="Range of the crop's area as a fraction of the image (RandomResizedCrop).")
+    strength: float = Field(1.0, gt=0, description="s, the colour distortion strength (1.0 on ImageNet, 0.5 on "
+                                                   "CIFAR-10 in the paper).")
+
+
+class BYOLConfig(MoCoV2Config):
+    """Parameters of the BYOL augmentation recipe."""
+
+    scale: tuple[AreaFraction, AreaFraction] = Field(
+        (0.08, 1.0), description="Range of the crop's area as a fraction of the image (RandomResizedCrop).")
+
+
 def _reseed(compose: A.Compose, seed: int) -> None:
     """Seed ``compose`` and give each of its transforms its own stream derived from ``seed``.
 
@@ -62,26 +85,19 @@ def _reseed(compose: A.Compose, seed: int) -> None:
         transform.set_random_seed(int(child_seed))
 
 
-class MoCoV2Augmentation:
-    """Two independently augmented views per image (MoCo v2), and the deterministic eval transform."""
+class ViewAugmentation:
+    """Views made by one albumentations pipeline per view, and the deterministic eval transform.
 
-    num_views = 2
+    ``view_transforms[i]`` makes view i; one pipeline may serve several views (MoCo v2's two views are
+    two draws of the same pipeline). Subclasses build the pipelines of their recipe.
+    """
 
-    def __init__(self, config: MoCoV2Config) -> None:
+    def __init__(self, view_transforms: list[A.Compose], config: MoCoV2Config) -> None:
         import albumentations as A
 
+        self.view_transforms = view_transforms
+        self.num_views = len(view_transforms)
         size = config.size
-        blur = ([A.GaussianBlur(sigma_limit=(0.1, 2.0), blur_limit=0, p=0.5)]
-                if size >= config.blur_min_size else [])
-        self.train_transform = A.Compose([
-            A.RandomResizedCrop(size=(size, size), scale=config.scale),
-            A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8),
-            A.ToGray(p=0.2),
-            *blur,
-            A.HorizontalFlip(p=0.5),
-            A.Normalize(mean=config.mean, std=config.std),
-            A.ToTensorV2(),
-        ])
         # The ImageNet protocol resizes to 256 and crops 224; small images are resized to size and cropped.
         resize = round(size * 256 / 224) if size >= 64 else size
         self.eval_transform = A.Compose([
@@ -92,19 +108,97 @@ class MoCoV2Augmentation:
         ])
 
     def views(self, image: np.ndarray) -> list[torch.Tensor]:
-        """``image``: H x W x 3 uint8 RGB -> two float tensors 3 x S x S."""
-        return [self.train_transform(image=image)["image"] for _ in range(self.num_views)]
+        """``image``: H x W x 3 uint8 RGB -> ``num_views`` float tensors 3 x S x S."""
+        return [transform(image=image)["image"] for transform in self.view_transforms]
 
     def eval(self, image: np.ndarray) -> torch.Tensor:
         """``image``: H x W x 3 uint8 RGB -> float tensor 3 x S x S (resize, center crop, normalize)."""
         return self.eval_transform(image=image)["image"]
 
     def set_seed(self, seed: int) -> None:
-        """Reseed both transforms; the same seed gives the same sequence of views."""
-        _reseed(self.train_transform, seed)
+        """Reseed every pipeline; the same seed gives the same sequence of views. Distinct pipelines get
+        distinct streams, so the crops of BYOL's two views are independent."""
+        distinct = list({id(t): t for t in self.view_transforms}.values())
+        for i, transform in enumerate(distinct):
+            _reseed(transform, seed if i == 0 else int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
         _reseed(self.eval_transform, seed)
+
+
+def _blur(config: MoCoV2Config, p: float) -> list[A.BasicTransform]:
+    import albumentations as A
+
+    if config.size < config.blur_min_size or not p:
+        return []
+    return [A.GaussianBlur(sigma_limit=(0.1, 2.0), blur_limit=0, p=p)]
+
+
+def _to_tensor(config: MoCoV2Config) -> list[A.BasicTransform]:
+    import albumentations as A
+
+    return [A.Normalize(mean=config.mean, std=config.std), A.ToTensorV2()]
+
+
+class MoCoV2Augmentation(ViewAugmentation):
+    """Two independently augmented views per image (MoCo v2), and the deterministic eval transform."""
+
+    def __init__(self, config: MoCoV2Config) -> None:
+        import albumentations as A
+
+        size = config.size
+        self.train_transform = A.Compose([
+            A.RandomResizedCrop(size=(size, size), scale=config.scale),
+            A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8),
+            A.ToGray(p=0.2),
+            *_blur(config, 0.5),
+            A.HorizontalFlip(p=0.5),
+            *_to_tensor(config),
+        ])
+        super().__init__([self.train_transform, self.train_transform], config)
+
+
+class SimCLRAugmentation(ViewAugmentation):
+    """SimCLR's two views (its Appendix A): crop and flip, then colour distortion of strength s, then blur."""
+
+    def __init__(self, config: SimCLRConfig) -> None:
+        import albumentations as A
+
+        size, s = config.size, config.strength
+        transform = A.Compose([
+            A.RandomResizedCrop(size=(size, size), scale=config.scale),
+            A.HorizontalFlip(p=0.5),
+            A.ColorJitter(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.5, 0.2 * s), p=0.8),
+            A.ToGray(p=0.2),
+            *_blur(config, 0.5),
+            *_to_tensor(config),
+        ])
+        super().__init__([transform, transform], config)
+
+
+class BYOLAugmentation(ViewAugmentation):
+    """BYOL's asymmetric pair (its Table 6): view 1 blurred always, never solarized; view 2 blurred with
+    p 0.1, solarized with p 0.2."""
+
+    def __init__(self, config: BYOLConfig) -> None:
+        import albumentations as A
+
+        size = config.size
+
+        def view(blur_p: float, solarize_p: float) -> A.Compose:
+            return A.Compose([
+                A.RandomResizedCrop(size=(size, size), scale=config.scale),
+                A.HorizontalFlip(p=0.5),
+                A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8),
+                A.ToGray(p=0.2),
+                *_blur(config, blur_p),
+                *([A.Solarize(threshold_range=(0.5, 0.5), p=solarize_p)] if solarize_p else []),
+                *_to_tensor(config),
+            ])
+
+        super().__init__([view(1.0, 0.0), view(0.1, 0.2)], config)
 
 
 @hookimpl
 def register_augmentations(register: Register) -> None:
     register("moco_v2", MoCoV2Augmentation, config=MoCoV2Config)
+    register("simclr", SimCLRAugmentation, config=SimCLRConfig)
+    register("byol", BYOLAugmentation, config=BYOLConfig)

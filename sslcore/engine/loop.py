@@ -30,6 +30,7 @@ from sslcore.engine.context import EvalContext, MethodContext
 from sslcore.engine.session import CHECKPOINT_FILE, LocalSession, RaySession, Session
 from sslcore.engine.tracking import Tracker, progress_bar
 from sslcore.errors import ConfigError, TrainingError, UserError
+from sslcore.optim import build_optimizer
 from sslcore.registry import SLOT_KINDS, Registry
 
 ERROR_FILE = "error.json"
@@ -97,15 +98,6 @@ def _build(registry: Registry, kind: str, slot: str, block: dict[str, Any], **kw
         return registry.build(kind, block, **kwargs)
     except ValueError as exc:
         raise ConfigError(f"{slot}: {exc}") from None
-
-
-def build_optimizer(model: torch.nn.Module, block: dict[str, Any]) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if block["name"] == "sgd":
-        return torch.optim.SGD(params, lr=block["lr"], momentum=block["momentum"],
-                               weight_decay=block["weight_decay"], nesterov=block["nesterov"])
-    return torch.optim.AdamW(params, lr=block["lr"], betas=tuple(block["betas"]),
-                             weight_decay=block["weight_decay"], eps=block["eps"])
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:

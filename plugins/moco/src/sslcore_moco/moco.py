@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from sslcore.distributed import broadcast, concat_all_gather, rank, world_size
+from sslcore.ema import momentum_update
 
 if TYPE_CHECKING:
     from sslcore.engine.context import MethodContext
@@ -202,10 +203,8 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def momentum_update_key_encoder(self) -> None:
-        theta_q = [*self.backbone.parameters(), *self.head.parameters()]
-        theta_k = [*self.key_backbone.parameters(), *self.key_head.parameters()]
-        # theta_k + (1 - m)(theta_q - theta_k) = m theta_k + (1 - m) theta_q, one fused pass
-        torch._foreach_lerp_(theta_k, theta_q, 1.0 - self.m)
+        momentum_update([*self.key_backbone.parameters(), *self.key_head.parameters()],
+                        [*self.backbone.parameters(), *self.head.parameters()], self.m)
 
     @torch.no_grad()
     def keys(self, im_k: torch.Tensor) -> torch.Tensor:
