@@ -23,15 +23,15 @@ SIZE = 16  # px
 
 
 def build_moco(registry: Registry, *, world_size: int = 1, rank: int = 0, batch: int = BATCH,
-               queue: int = 64, **method) -> MoCo:
+               queue: int = 64, loss: dict | None = None, negatives: dict | None = None, **method) -> MoCo:
     config = MoCoConfig(dim=16, head_hidden_dim=32, **method)
     context = MethodContext(world_size=world_size, rank=rank, global_batch_size=batch * world_size,
                             steps_per_epoch=1, epochs=1, device=torch.device("cpu"))
     encoder = registry.get("encoder", "resnet18").build({"cifar_stem": True})
-    negatives = registry.get("negative_source", "queue").build(
-        {"size": queue}, dim=config.dim, global_batch_size=context.global_batch_size)
-    loss = registry.get("loss", "info_nce").build({"temperature": 0.2})
-    return MoCo(config, context=context, encoder=encoder, negatives=negatives, loss=loss)
+    source = registry.build("negative_source", negatives or {"name": "queue", "size": queue}, dim=config.dim,
+                            global_batch_size=context.global_batch_size)
+    loss_fn = registry.build("loss", loss or {"name": "info_nce", "temperature": 0.2})
+    return MoCo(config, context=context, encoder=encoder, negatives=source, loss=loss_fn)
 
 
 def images(n: int = BATCH, seed: int = 0) -> torch.Tensor:
@@ -212,6 +212,18 @@ def test_forward_backward_on_tiny_images_advances_the_queue(registry: Registry, 
     assert not torch.equal(queue[:BATCH], queue_before[:BATCH])
     assert torch.equal(queue[BATCH:], queue_before[BATCH:])
     torch.testing.assert_close(queue[:BATCH].norm(dim=1), torch.ones(BATCH))
+
+
+@pytest.mark.parametrize(("loss", "negatives"), [({"name": "triplet", "mining": "semi_hard"}, {"name": "in_batch"}),
+                                                ({"name": "contrastive_margin", "mining": "hard"},
+                                                 {"name": "queue", "size": 64})])
+def test_metric_learning_losses_train_moco(registry: Registry, loss: dict, negatives: dict) -> None:
+    torch.manual_seed(0)
+    model = build_moco(registry, loss=loss, negatives=negatives)
+    out = model([images(seed=1), images(seed=2)])
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert all(p.grad is not None for p in query_parameters(model))
 
 
 def test_bn_splits_must_divide_the_per_worker_batch(registry: Registry) -> None:
