@@ -1,0 +1,228 @@
+"""SimCLR: NT-Xent against its formula written out here as the 2N x 2N loop, the contrastive accuracy, one
+batch through the encoder and the head, two real gloo workers against one process (the loss alone and the
+method), the plugin contract, and the CIFAR-10 example through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from sslcore_simclr import NTXentConfig, NTXentLoss, SimCLR, SimCLRConfig, contrastive_accuracy
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sslcore.engine.context import MethodContext
+from sslcore.heads import MLPHead
+from sslcore.registry import Registry
+from sslcore.testing import check_component, run_distributed
+
+CLI = [sys.executable, "-m", "sslcore.cli"]
+GLOBAL_BATCH = 8
+TAU = 0.5
+
+
+class TinyEncoder(nn.Sequential):
+    """A conv, a ReLU and global pooling: an encoder with no BatchNorm, fast on one thread."""
+
+    feature_dim = 8
+
+    def __init__(self) -> None:
+        super().__init__(nn.Conv2d(3, self.feature_dim, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten())
+
+
+def build_simclr(temperature: float = TAU) -> SimCLR:
+    context = MethodContext(world_size=1, rank=0, global_batch_size=GLOBAL_BATCH, steps_per_epoch=1, epochs=1,
+                            device=torch.device("cpu"))
+    return SimCLR(SimCLRConfig(head_hidden_dim=16, dim=8), context=context, encoder=TinyEncoder(),
+                  loss=NTXentLoss(NTXentConfig(temperature=temperature)))
+
+
+def views(n: int = GLOBAL_BATCH, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 3, 8, 8, generator=generator) for _ in range(2)]
+
+
+def cosine(u: list[float], v: list[float]) -> float:
+    return sum(a * b for a, b in zip(u, v)) / (math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(b * b for b in v)))
+
+
+def formula_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> float:
+    """The paper's L: z_1..z_N are the first views of the N images, z_{N+1}..z_{2N} the second ones;
+    l(i, j) = -log( exp(sim(z_i, z_j)/tau) / sum_{k != i} exp(sim(z_i, z_k)/tau) ), averaged over all 2N i."""
+    z = z1.tolist() + z2.tolist()
+    n = len(z1)
+    total = 0.0
+    for i in range(2 * n):
+        j = i + n if i < n else i - n  # the other view of image i
+        denominator = sum(math.exp(cosine(z[i], z[k]) / tau) for k in range(2 * n) if k != i)
+        total += -math.log(math.exp(cosine(z[i], z[j]) / tau) / denominator)
+    return total / (2 * n)
+
+
+def formula_accuracy(z1: torch.Tensor, z2: torch.Tensor) -> float:
+    """The fraction of the 2N views whose most similar other view is the other view of their image."""
+    z = z1.tolist() + z2.tolist()
+    n = len(z1)
+    hits = 0
+    for i in range(2 * n):
+        others = [k for k in range(2 * n) if k != i]
+        nearest = max(others, key=lambda k: cosine(z[i], z[k]))
+        hits += nearest == (i + n if i < n else i - n)
+    return hits / (2 * n)
+
+
+def test_nt_xent_matches_the_formula_also_under_bf16_autocast() -> None:
+    generator = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(5, 6, generator=generator) * 3, torch.randn(5, 6, generator=generator)
+    for tau in (0.1, 0.5):
+        loss = NTXentLoss(NTXentConfig(temperature=tau))(z1, z2)
+        assert loss.item() == pytest.approx(formula_nt_xent(z1, z2, tau), rel=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = NTXentLoss(NTXentConfig(temperature=0.1))(z1.bfloat16(), z2.bfloat16())
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(formula_nt_xent(z1.bfloat16().float(), z2.bfloat16().float(), 0.1), rel=1e-5)
+
+
+def test_nt_xent_masks_the_anchor_itself_and_counts_both_directions() -> None:
+    n, tau = 4, 0.5
+    z = torch.eye(n) * 2  # N orthogonal images, both views identical up to scale: sim 1 to the positive, 0 else
+    loss = NTXentLoss(NTXentConfig(temperature=tau))(z, z * 3)
+    # each of the 2N anchors: the positive against 2N - 2 negatives at sim 0; itself in the denominator would
+    # add another exp(1 / tau), log(2 + ...)
+    assert loss.item() == pytest.approx(math.log(1 + (2 * n - 2) * math.exp(-1 / tau)), rel=1e-5)
+    # swapping the views relabels the anchors: the same 2N terms
+    generator = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(n, 3, generator=generator), torch.randn(n, 3, generator=generator)
+    loss_fn = NTXentLoss(NTXentConfig(temperature=tau))
+    assert loss_fn(z1, z2).item() == pytest.approx(loss_fn(z2, z1).item(), rel=1e-6)
+
+
+def test_contrastive_accuracy_matches_its_definition() -> None:
+    generator = torch.Generator().manual_seed(0)
+    z1 = torch.randn(6, 4, generator=generator)
+    z2 = z1 + torch.randn(6, 4, generator=generator)  # noisy second views: some anchors miss their positive
+    accuracy = contrastive_accuracy(z1, z2).item()
+    assert accuracy == pytest.approx(formula_accuracy(z1, z2))
+    assert 0 < accuracy < 1
+    assert contrastive_accuracy(z1, z1 * 2).item() == 1.0
+
+
+def test_both_views_go_through_the_encoder_and_head_as_one_batch() -> None:
+    torch.manual_seed(0)
+    model = build_simclr().train()
+    head = model.projector
+    assert isinstance(head, MLPHead) and head.dims == [TinyEncoder.feature_dim, 16, 8]
+    linears = [m for m in head if isinstance(m, nn.Linear)]
+    assert all(linear.bias is None for linear in linears)  # both are followed by a BatchNorm
+    assert isinstance(head[-1], nn.BatchNorm1d) and head[-1].affine
+    batches: list[int] = []
+    model.backbone.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    projections: list[torch.Tensor] = []
+    model.projector.register_forward_hook(lambda module, args, out: projections.append(out.detach()))
+    v1, v2 = views()
+
+    out = model([v1, v2])
+    out["loss"].backward()
+
+    assert batches == [2 * GLOBAL_BATCH]  # one forward: the BatchNorms see the 2N views together
+    z1, z2 = projections[0][:GLOBAL_BATCH], projections[0][GLOBAL_BATCH:]
+    assert out["loss"].item() == pytest.approx(formula_nt_xent(z1, z2, TAU), rel=1e-5)
+    assert out["contrast_acc"].item() == pytest.approx(formula_accuracy(z1, z2))
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def _worker(rank: int, world_size: int, embeddings: torch.Tensor, images: torch.Tensor) -> dict:
+    n = GLOBAL_BATCH // world_size
+    mine = slice(rank * n, (rank + 1) * n)  # this worker's images, and both views of each
+    # the loss alone, on a DDP-wrapped linear model
+    torch.manual_seed(0)  # the same initial weights on every worker, as the engine seeds them
+    linear = DistributedDataParallel(nn.Linear(embeddings.shape[-1], 4))
+    z = linear(torch.cat([embeddings[0, mine], embeddings[1, mine]]))  # one DDP forward, both views: 2n x 4
+    loss = NTXentLoss(NTXentConfig(temperature=TAU))(z[:n], z[n:])
+    loss.backward()
+    # the method; eval mode: BatchNorm uses its running statistics, so no statistic couples the samples of a
+    # batch (per-worker batch statistics are the SyncBatchNorm question, not the loss's)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(build_simclr().eval())
+    out = model([v[mine] for v in images])
+    out["loss"].backward()
+    return {"loss": loss.detach(), "grads": [p.grad.clone() for p in linear.module.parameters()],
+            "method_loss": out["loss"].detach(), "contrast_acc": out["contrast_acc"],
+            "method_grads": [p.grad.clone() for p in model.module.parameters()]}
+
+
+def test_two_workers_compute_the_loss_and_gradients_of_one_process() -> None:
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(2, GLOBAL_BATCH, 6, generator=generator)  # the inputs of the two views
+    images = views()
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 4)
+    z = linear(torch.cat([embeddings[0], embeddings[1]]))  # 2N x 4
+    loss = NTXentLoss(NTXentConfig(temperature=TAU))(z[:GLOBAL_BATCH], z[GLOBAL_BATCH:])
+    loss.backward()
+    torch.manual_seed(0)
+    model = build_simclr().eval()
+    out = model(images)
+    out["loss"].backward()
+
+    results = run_distributed(_worker, embeddings, torch.stack(images), world_size=2)
+
+    # each worker's loss is the mean over its anchors: their average is the mean over all 2N anchors
+    torch.testing.assert_close(sum(r["loss"] for r in results) / 2, loss.detach())
+    torch.testing.assert_close(sum(r["method_loss"] for r in results) / 2, out["loss"].detach())
+    torch.testing.assert_close(sum(r["contrast_acc"] for r in results) / 2, out["contrast_acc"])
+    for result in results:  # DDP averages the workers' gradients: those of one process on the whole batch
+        for got, expected in zip(result["grads"], [p.grad for p in linear.parameters()], strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        for got, expected in zip(result["method_grads"], [p.grad for p in model.parameters()], strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_simclr_meets_the_method_and_loss_contracts(registry: Registry) -> None:
+    registry.add_module("sslcore_simclr.plugin")
+    try:
+        check_component(registry, "method", "simclr")
+        check_component(registry, "loss", "nt_xent")
+    finally:
+        registry.remove_plugin("sslcore_simclr.plugin")
+
+
+def test_the_installed_entry_point_registers_simclr() -> None:
+    registry = Registry(autoload=True)
+    method, loss = registry.get("method", "simclr"), registry.get("loss", "nt_xent")
+    assert method.distribution == loss.distribution == "sslcore-simclr"
+    assert method.factory is SimCLR and loss.factory is NTXentLoss
+    assert method.extra["slots"] == {"encoder": {"name": "resnet50"}, "augmentation": {"name": "simclr"},
+                                     "loss": {"name": "nt_xent", "temperature": 0.1}}
+    assert SimCLRConfig().head_hidden_dim == 2048 and SimCLRConfig().dim == 128
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI with the installed plugins loaded, as a user runs it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("SSLCORE_DISABLE_PLUGIN_AUTOLOAD", None)
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def test_cifar10_example_runs_as_written(tmp_path: Path, cifar10_dir: Path) -> None:
+    example = Path(__file__).parents[3] / "examples" / "simclr_cifar10.yaml"
+    text = example.read_text().replace("~/.cache/sslcore/cifar10", str(cifar10_dir))  # the same, unless moved
+    (tmp_path / "simclr_cifar10.yaml").write_text(text)
+    out = run("run", str(tmp_path / "simclr_cifar10.yaml"), "--set", "scaling.backend=local",
+              "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--set", "train.batch_size=32",
+              "--set", "data.max_per_class=10", "--set", "evaluators.0.data.max_per_class=5",
+              "--set", "evaluators.0.every_epochs=0", "--set", "train.log_every_steps=1", cwd=tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    run_dir = tmp_path / "runs" / "simclr_cifar10"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 0.0 <= summary["final"]["knn_top1"] <= 1.0
+    assert (run_dir / "checkpoint_000000" / "state.pt").is_file()
+    steps = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if m["subset"] == "train"]
+    assert len(steps) == 2 and all(math.isfinite(m["loss"]) and 0.0 <= m["contrast_acc"] <= 1.0 for m in steps)
