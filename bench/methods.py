@@ -6,10 +6,14 @@ and optimizer as the recipe has them) with the same budget put over it: the qual
 (ResNet-18 with torchvision's stem at 32 px), the same subset of the training images, the same epochs,
 batch size and warm-up, the recipe's learning rate scaled linearly to the batch size (the rule of the
 papers), in-process (backend local). Scored at the end by kNN (k 200, tau 0.1) on the 10,000 test images.
-img/s is the median over epochs; peak memory is the run's maximum resident set size (the CPU's RAM: no
-GPU here). A run whose folder holds a finished run is not repeated (delete bench/runs/NAME to redo it).
+A quality run whose folder holds a finished run is not repeated (delete bench/runs/NAME to redo it).
+
+Speed is measured apart, on a quiet machine, in short runs of the same configurations interleaved
+method by method (``--speed-reps`` rounds): img/s is the median of the logged 10-step windows after the
+first; peak memory is the run's maximum resident set size (the CPU's RAM: no GPU here).
 
     python bench/methods.py [--epochs 15] [--per-class 500] [--batch-size 128] [--methods moco simclr ...]
+                            [--speed-reps 3] [--skip quality|speed]
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -52,24 +57,42 @@ def budget_config(method: str, args: argparse.Namespace) -> Path:
     return path
 
 
-def run(method: str, config: Path) -> dict:
-    """Train (unless already done) in a child process; kNN, median img/s and the child's peak RSS."""
+def sslcore_run(config: Path, log: Path, *overrides: str) -> dict[str, float]:
+    """``sslcore run config`` in a child process; its peak RSS and wall time."""
+    cmd = [str(Path(sys.executable).parent / "sslcore"), "run", str(config)]
+    for override in overrides:
+        cmd += ["--set", override]
+    print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        child = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        _, status, rusage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: see {log}")
+    return {"peak_rss_mib": rusage.ru_maxrss / 1024, "wall_minutes": (time.perf_counter() - start) / 60}
+
+
+def quality(method: str, config: Path) -> dict:
+    """Train the whole budget (unless already done); kNN top-1, median epoch img/s, wall time."""
     run_dir, log = HERE / "runs" / f"methods_{method}", HERE / "runs" / f"methods_{method}.log"
     summary, usage = run_dir / "summary.json", HERE / "runs" / f"methods_{method}.usage.json"
     if not (summary.exists() and "final" in json.loads(summary.read_text()) and usage.exists()):
-        cmd = [str(Path(sys.executable).parent / "sslcore"), "run", str(config)]
-        print("$", " ".join(cmd), flush=True)
-        start = time.perf_counter()
-        with open(log, "w") as out:
-            child = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-            _, status, rusage = os.wait4(child.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"{method} failed: see {log}")
-        usage.write_text(json.dumps({"peak_rss_mib": rusage.ru_maxrss / 1024,
-                                     "wall_minutes": (time.perf_counter() - start) / 60}))
+        usage.write_text(json.dumps(sslcore_run(config, log)))
     epochs = [float(m[2]) for m in EPOCH_LINE.finditer(log.read_text())]
     final = json.loads(summary.read_text())["final"]
-    return {"knn_top1": final["knn_top1"], "median_epoch_img_s": median(epochs), **json.loads(usage.read_text())}
+    return {"knn_top1": final["knn_top1"], "quality_median_epoch_img_s": median(epochs),
+            "quality_wall_minutes": json.loads(usage.read_text())["wall_minutes"]}
+
+
+def speed(method: str, config: Path, rep: int, steps: int) -> dict[str, float]:
+    """One short run of ``steps`` steps, no evaluators: img/s (median 10-step window after the first), RSS."""
+    name = f"methods_speed_{method}_{rep}"
+    shutil.rmtree(HERE / "runs" / name, ignore_errors=True)  # a finished run of that name would only resume
+    usage = sslcore_run(config, HERE / "runs" / f"{name}.log", f"name={name}", "evaluators=[]", "train.epochs=1",
+                        f"train.max_steps_per_epoch={steps}", "train.log_every_steps=10")
+    records = [json.loads(line) for line in (HERE / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    windows = [r["img_per_s"] for r in records if r["subset"] == "train"][1:]
+    return {"img_s": median(windows), "peak_rss_mib": usage["peak_rss_mib"]}
 
 
 def parameters(method: str, config: Path) -> float:
@@ -97,21 +120,34 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--warmup-epochs", type=float, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--speed-reps", type=int, default=3)
+    parser.add_argument("--speed-steps", type=int, default=40)
+    parser.add_argument("--skip", choices=["quality", "speed"])
     args = parser.parse_args()
     (HERE / "runs").mkdir(exist_ok=True)
-    rows = {}
-    for method in args.methods:
-        config = budget_config(method, args)
-        rows[method] = {**run(method, config), "trainable_params_m": parameters(method, config)}
-        print(f"{method}: " + json.dumps(rows[method]), flush=True)
+    configs = {method: budget_config(method, args) for method in args.methods}
+    rows: dict[str, dict] = {m: {"trainable_params_m": parameters(m, c)} for m, c in configs.items()}
+    if args.skip != "quality":
+        for method, config in configs.items():
+            rows[method].update(quality(method, config))
+            print(f"{method}: " + json.dumps(rows[method]), flush=True)
+    if args.skip != "speed":
+        reps: dict[str, list[dict[str, float]]] = {m: [] for m in configs}
+        for rep in range(args.speed_reps):  # interleaved: every method in each round
+            for method, config in configs.items():
+                reps[method].append(speed(method, config, rep, args.speed_steps))
+        for method, runs in reps.items():
+            rows[method].update(img_s=median([r["img_s"] for r in runs]), img_s_reps=[r["img_s"] for r in runs],
+                                peak_rss_mib=max(r["peak_rss_mib"] for r in runs))
     print(f"\n{args.per_class * 10} CIFAR-10 images, {args.epochs} epochs, batch {args.batch_size}, "
           f"ResNet-18 at 32 px, kNN on the 10,000 test images\n")
-    print("| method | kNN top-1 | img/s (median epoch) | peak memory (RSS) | trainable params | wall |")
-    print("|---|---|---|---|---|---|")
+    print("| method | kNN top-1 | img/s | peak memory (RSS) | trainable params |")
+    print("|---|---|---|---|---|")
     for method, row in rows.items():
-        print(f"| {method} | {row['knn_top1']:.4f} | {row['median_epoch_img_s']:.0f} | "
-              f"{row['peak_rss_mib'] / 1024:.2f} GiB | {row['trainable_params_m']:.1f} M | "
-              f"{row['wall_minutes']:.1f} min |")
+        knn = f"{row['knn_top1']:.4f}" if "knn_top1" in row else "-"
+        img_s = f"{row['img_s']:.0f}" if "img_s" in row else "-"
+        rss = f"{row['peak_rss_mib'] / 1024:.2f} GiB" if "peak_rss_mib" in row else "-"
+        print(f"| {method} | {knn} | {img_s} | {rss} | {row['trainable_params_m']:.1f} M |")
     save("methods", {"runs": rows, "budget": vars(args)})
 
 

@@ -19,11 +19,13 @@ import torch
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS as in the official SimCLR and Barlow Twins code: for each parameter w with gradient g,
+    """LARS as in the official Barlow Twins code: for each parameter w with gradient g,
 
     d = g + lambda w;  d <- d * eta ||w|| / ||d|| (when both norms are positive);  mu <- m mu + d;  w <- w - lr mu
 
     A parameter group with ``lars_exclude=True`` skips the first two lines (plain SGD with momentum).
+    The learning rate multiplies the momentum buffer, as in Barlow Twins' code; SimCLR's TensorFlow code
+    puts it inside the buffer (mu <- m mu + lr d), which differs only while lr changes (warm-up, decay).
     """
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
