@@ -1,0 +1,223 @@
+"""VICReg: the loss and its three terms against their formulas written out here, the expander of the official
+code, the method's two views and metrics, two real gloo workers against one process on the global batch, the
+plugin contract, and the CIFAR-10 example through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from sslcore_vicreg import VICReg, VICRegConfig, VICRegLoss, VICRegLossConfig
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sslcore.engine.context import MethodContext
+from sslcore.registry import Registry
+from sslcore.testing import check_component, run_distributed
+
+CLI = [sys.executable, "-m", "sslcore.cli"]
+GLOBAL_BATCH = 16
+
+
+class TinyEncoder(nn.Sequential):
+    """A conv, a ReLU and global pooling: an encoder with no BatchNorm, fast on one thread."""
+
+    feature_dim = 8
+
+    def __init__(self) -> None:
+        super().__init__(nn.Conv2d(3, self.feature_dim, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten())
+
+
+def build_vicreg(**method) -> VICReg:
+    config = VICRegConfig(**{"projector_hidden_dim": 16, "dim": 12, **method})
+    context = MethodContext(world_size=1, rank=0, global_batch_size=GLOBAL_BATCH, steps_per_epoch=1, epochs=1,
+                            device=torch.device("cpu"))
+    return VICReg(config, context=context, encoder=TinyEncoder(), loss=VICRegLoss(VICRegLossConfig()))
+
+
+def formula_invariance(z: list[list[float]], z_prime: list[list[float]]) -> float:
+    """The mean over all n x d entries of (z - z')^2."""
+    n, d = len(z), len(z[0])
+    return sum((z[i][j] - z_prime[i][j]) ** 2 for i in range(n) for j in range(d)) / (n * d)
+
+
+def formula_variance(z: list[list[float]]) -> float:
+    """v(Z) = (1/d) sum_j max(0, 1 - sqrt(Var(z^j) + 1e-4)), Var with n - 1, one dimension at a time."""
+    n, d = len(z), len(z[0])
+    total = 0.0
+    for j in range(d):
+        mean = sum(z[i][j] for i in range(n)) / n
+        std = math.sqrt(sum((z[i][j] - mean) ** 2 for i in range(n)) / (n - 1) + 1e-4)
+        total += max(0.0, 1.0 - std)
+    return total / d
+
+
+def formula_covariance(z: list[list[float]]) -> float:
+    """c(Z) = (1/d) sum_{j != k} Cov(z^j, z^k)^2, each covariance with n - 1."""
+    n, d = len(z), len(z[0])
+    means = [sum(z[i][j] for i in range(n)) / n for j in range(d)]
+    total = 0.0
+    for j in range(d):
+        for k in range(d):
+            if j != k:
+                cov = sum((z[i][j] - means[j]) * (z[i][k] - means[k]) for i in range(n)) / (n - 1)
+                total += cov ** 2
+    return total / d
+
+
+def formula_terms(z: torch.Tensor, z_prime: torch.Tensor) -> dict[str, float]:
+    a, b = z.tolist(), z_prime.tolist()
+    return {"invariance": formula_invariance(a, b),
+            "variance": (formula_variance(a) + formula_variance(b)) / 2,
+            "covariance": formula_covariance(a) + formula_covariance(b)}
+
+
+def formula_loss(z: torch.Tensor, z_prime: torch.Tensor, sim: float = 25.0, std: float = 25.0,
+                 cov: float = 1.0) -> float:
+    terms = formula_terms(z, z_prime)
+    return sim * terms["invariance"] + std * terms["variance"] + cov * terms["covariance"]
+
+
+def test_loss_matches_the_formula_also_under_bf16_autocast() -> None:
+    generator = torch.Generator().manual_seed(0)
+    # dimensions of std below and above gamma = 1, so the hinge is both active and inactive
+    z = torch.randn(7, 5, generator=generator) * torch.tensor([0.2, 0.5, 1.5, 3.0, 0.9])
+    z_prime = z + 0.3 * torch.randn(7, 5, generator=generator)
+    loss_fn = VICRegLoss(VICRegLossConfig())
+    assert loss_fn(z, z_prime).item() == pytest.approx(formula_loss(z, z_prime), rel=1e-5)
+    for name, value in formula_terms(z, z_prime).items():
+        assert loss_fn.last_terms[name].item() == pytest.approx(value, rel=1e-5), name
+    weighted = VICRegLoss(VICRegLossConfig(sim_coeff=2.0, std_coeff=3.0, cov_coeff=0.5))
+    assert weighted(z, z_prime).item() == pytest.approx(formula_loss(z, z_prime, 2.0, 3.0, 0.5), rel=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = loss_fn(z.bfloat16(), z_prime.bfloat16())
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(formula_loss(z.bfloat16().float(), z_prime.bfloat16().float()), rel=1e-5)
+
+
+def test_each_term_vanishes_where_the_paper_says() -> None:
+    loss_fn = VICRegLoss(VICRegLossConfig())
+    # +-2 columns: equal views, std above 1, uncorrelated dimensions: every term is 0
+    z = 2 * torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+    assert loss_fn(z, z.clone()).item() == pytest.approx(0.0, abs=1e-7)
+    # a collapsed batch: every row the same, std sqrt(1e-4) = 0.01 in each dimension
+    collapsed = torch.ones(4, 3)
+    loss_fn(collapsed, collapsed)
+    assert loss_fn.last_terms["variance"].item() == pytest.approx(0.99)
+    assert loss_fn.last_terms["covariance"].item() == 0.0
+
+
+def test_expander_is_that_of_the_official_code() -> None:
+    model = build_vicreg(projector_hidden_dim=24, dim=32)
+    layers = [(type(m).__name__, getattr(m, "bias", None) is not None) for m in model.projector]
+    assert layers == [("Linear", True), ("BatchNorm1d", True), ("ReLU", False),
+                      ("Linear", True), ("BatchNorm1d", True), ("ReLU", False), ("Linear", False)]
+    assert [m.weight.shape for m in model.projector if isinstance(m, nn.Linear)] == [(24, 8), (24, 24), (32, 24)]
+
+
+def test_the_views_go_through_separately_and_the_terms_are_reported() -> None:
+    torch.manual_seed(0)
+    model = build_vicreg().train()
+    embeddings: list[torch.Tensor] = []
+    model.projector.register_forward_hook(lambda module, args, out: embeddings.append(out.detach()))
+    generator = torch.Generator().manual_seed(0)
+    views = [torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=generator) for _ in range(2)]
+
+    out = model(views)
+    out["loss"].backward()
+
+    assert [z.shape for z in embeddings] == [(GLOBAL_BATCH, 12), (GLOBAL_BATCH, 12)]  # one batch per view
+    z, z_prime = embeddings
+    assert out["loss"].item() == pytest.approx(formula_loss(z, z_prime), rel=1e-5)
+    for name, value in formula_terms(z, z_prime).items():
+        assert out[name].ndim == 0 and out[name].item() == pytest.approx(value, rel=1e-5), name
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of both views: GLOBAL_BATCH x 8 each."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(GLOBAL_BATCH, 8, generator=generator), torch.randn(GLOBAL_BATCH, 8, generator=generator)
+
+
+def _worker(rank: int, world_size: int) -> dict:
+    torch.manual_seed(0)  # the same initial weights on every worker
+    model = DistributedDataParallel(nn.Linear(8, 16))
+    x, x_prime = (x.chunk(world_size)[rank] for x in inputs())  # this worker's half of each view
+    z, z_prime = model(torch.cat([x, x_prime])).chunk(2)
+    loss_fn = VICRegLoss(VICRegLossConfig())
+    loss = loss_fn(z, z_prime)
+    loss.backward()
+    return {"loss": loss.detach(), "terms": loss_fn.last_terms, "grads": [p.grad.clone() for p in model.parameters()]}
+
+
+def test_two_workers_compute_the_loss_and_gradients_of_one_process_on_the_global_batch() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(8, 16)
+    x, x_prime = inputs()
+    loss_fn = VICRegLoss(VICRegLossConfig())
+    loss = loss_fn(model(x), model(x_prime))
+    loss.backward()
+    assert loss.item() == pytest.approx(formula_loss(model(x), model(x_prime)), rel=1e-5)
+
+    results = run_distributed(_worker, world_size=2)
+
+    for result in results:  # each worker's loss and terms are those of the global batch, not of its half
+        torch.testing.assert_close(result["loss"], loss.detach())
+        for name, value in loss_fn.last_terms.items():
+            torch.testing.assert_close(result["terms"][name], value)
+        for got, expected in zip(result["grads"], [p.grad for p in model.parameters()], strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_vicreg_meets_the_method_and_loss_contracts(registry: Registry) -> None:
+    registry.add_module("sslcore_vicreg.plugin")
+    try:
+        start = time.perf_counter()
+        check_component(registry, "method", "vicreg")  # from its defaults: ResNet-50, 8192-wide expander
+        print(f"method contract: {time.perf_counter() - start:.1f} s")
+        check_component(registry, "loss", "vicreg")
+    finally:
+        registry.remove_plugin("sslcore_vicreg.plugin")
+
+
+def test_the_installed_entry_point_registers_vicreg() -> None:
+    registry = Registry(autoload=True)
+    method, loss = registry.get("method", "vicreg"), registry.get("loss", "vicreg")
+    assert method.distribution == loss.distribution == "sslcore-vicreg"
+    assert method.factory is VICReg and loss.factory is VICRegLoss
+    assert method.extra["slots"] == {"encoder": {"name": "resnet50", "zero_init_residual": True},
+                                     "augmentation": {"name": "byol"},
+                                     "loss": {"name": "vicreg", "sim_coeff": 25.0, "std_coeff": 25.0,
+                                              "cov_coeff": 1.0}}
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI with the installed plugins loaded, as a user runs it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("SSLCORE_DISABLE_PLUGIN_AUTOLOAD", None)
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def test_cifar10_example_runs_as_written(tmp_path: Path, cifar10_dir: Path) -> None:
+    example = Path(__file__).parents[3] / "examples" / "vicreg_cifar10.yaml"
+    text = example.read_text().replace("~/.cache/sslcore/cifar10", str(cifar10_dir))  # the same, unless moved
+    (tmp_path / "vicreg_cifar10.yaml").write_text(text)
+    out = run("run", str(tmp_path / "vicreg_cifar10.yaml"), "--set", "scaling.backend=local",
+              "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--set", "train.batch_size=32",
+              "--set", "data.max_per_class=10", "--set", "evaluators.0.data.max_per_class=5",
+              "--set", "evaluators.0.every_epochs=0", cwd=tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    run_dir = tmp_path / "runs" / "vicreg_cifar10"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 0.0 <= summary["final"]["knn_top1"] <= 1.0
+    state = torch.load(run_dir / "checkpoint_000000" / "state.pt", weights_only=True)["model"]
+    assert state["projector.6.weight"].shape == (2048, 2048)
