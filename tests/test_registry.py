@@ -93,7 +93,7 @@ def test_broken_plugin_does_not_break_the_cli(site: Path) -> None:
     plugins = {p["name"]: p for p in json.loads(out.stdout)}
     assert "boom at import" in plugins["tp_broken2"]["error"]
     assert plugins["tp_broken2"]["distribution"] == "tp-broken2"
-    assert plugins["sslcore.components.losses"]["components"] == {"loss": ["info_nce"]}
+    assert plugins["sslcore.components.losses"]["components"] == {"loss": ["info_nce", "contrastive_margin", "triplet"]}
 
 
 def test_name_clash_names_both_distributions(site: Path) -> None:
