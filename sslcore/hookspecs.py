@@ -96,7 +96,9 @@ def register_losses(register: Register) -> None:
       views of this worker's N images. A paired loss that needs the global batch (negatives from every
       worker, statistics over all samples) gathers it with ``sslcore.distributed.gather_with_grad``.
 
-    The method using a loss documents which signature it calls.
+    The method using a loss documents which signature it calls. Optional: ``last_terms: dict[str, Tensor]``,
+    the 0-dim terms of the last call (VICReg's invariance, variance, covariance), which methods that know
+    of it (Barlow Twins, VICReg) return with the loss so the engine tracks them.
     """
 
 
