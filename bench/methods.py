@@ -13,7 +13,7 @@ method by method (``--speed-reps`` rounds): img/s is the median of the logged 10
 first; peak memory is the run's maximum resident set size (the CPU's RAM: no GPU here).
 
     python bench/methods.py [--epochs 15] [--per-class 500] [--batch-size 128] [--methods moco simclr ...]
-                            [--speed-reps 3] [--skip quality|speed]
+                            [--speed-reps 3] [--skip quality speed floor]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import yaml
-from harness import CIFAR, HERE, median, save
+from harness import CIFAR, HERE, RESULTS, median, save
 
 REPO = HERE.parent
 METHODS = ["moco", "simclr", "byol", "simsiam", "barlowtwins", "vicreg"]
@@ -95,6 +95,15 @@ def speed(method: str, config: Path, rep: int, steps: int) -> dict[str, float]:
     return {"img_s": median(windows), "peak_rss_mib": usage["peak_rss_mib"]}
 
 
+def floor(config: Path) -> float:
+    """kNN top-1 of the randomly initialised encoder (the same network for every method): the floor."""
+    name = "methods_floor"
+    shutil.rmtree(HERE / "runs" / name, ignore_errors=True)
+    sslcore_run(config, HERE / "runs" / f"{name}.log", f"name={name}", "train.epochs=1",
+                "train.max_steps_per_epoch=1", "train.eval_at_start=true")
+    return json.loads((HERE / "runs" / name / "summary.json").read_text())["initial"]["knn_top1"]
+
+
 def parameters(method: str, config: Path) -> float:
     """Trainable parameters of the method as built for this budget, in millions."""
     import torch
@@ -122,16 +131,25 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speed-reps", type=int, default=3)
     parser.add_argument("--speed-steps", type=int, default=40)
-    parser.add_argument("--skip", choices=["quality", "speed"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "speed", "floor"])
     args = parser.parse_args()
     (HERE / "runs").mkdir(exist_ok=True)
     configs = {method: budget_config(method, args) for method in args.methods}
-    rows: dict[str, dict] = {m: {"trainable_params_m": parameters(m, c)} for m, c in configs.items()}
-    if args.skip != "quality":
+    budget = {k: getattr(args, k) for k in ("epochs", "per_class", "batch_size", "warmup_epochs", "seed")}
+    # results of earlier invocations with the same budget are kept (e.g. quality and speed measured apart)
+    previous = RESULTS / "methods.json"
+    earlier = json.loads(previous.read_text()) if previous.exists() else {}
+    same = all(earlier.get("budget", {}).get(k) == v for k, v in budget.items())
+    rows: dict[str, dict] = {m: {**(earlier["runs"].get(m, {}) if same else {}),
+                                 "trainable_params_m": parameters(m, c)} for m, c in configs.items()}
+    knn_floor = earlier.get("knn_floor") if same else None
+    if "floor" not in args.skip:
+        knn_floor = floor(configs[args.methods[0]])
+    if "quality" not in args.skip:
         for method, config in configs.items():
             rows[method].update(quality(method, config))
             print(f"{method}: " + json.dumps(rows[method]), flush=True)
-    if args.skip != "speed":
+    if "speed" not in args.skip:
         reps: dict[str, list[dict[str, float]]] = {m: [] for m in configs}
         for rep in range(args.speed_reps):  # interleaved: every method in each round
             for method, config in configs.items():
@@ -140,7 +158,7 @@ def main() -> None:
             rows[method].update(img_s=median([r["img_s"] for r in runs]), img_s_reps=[r["img_s"] for r in runs],
                                 peak_rss_mib=max(r["peak_rss_mib"] for r in runs))
     print(f"\n{args.per_class * 10} CIFAR-10 images, {args.epochs} epochs, batch {args.batch_size}, "
-          f"ResNet-18 at 32 px, kNN on the 10,000 test images\n")
+          f"ResNet-18 at 32 px, kNN on the 10,000 test images; random-init floor {knn_floor}\n")
     print("| method | kNN top-1 | img/s | peak memory (RSS) | trainable params |")
     print("|---|---|---|---|---|")
     for method, row in rows.items():
@@ -148,7 +166,7 @@ def main() -> None:
         img_s = f"{row['img_s']:.0f}" if "img_s" in row else "-"
         rss = f"{row['peak_rss_mib'] / 1024:.2f} GiB" if "peak_rss_mib" in row else "-"
         print(f"| {method} | {knn} | {img_s} | {rss} | {row['trainable_params_m']:.1f} M |")
-    save("methods", {"runs": rows, "budget": vars(args)})
+    save("methods", {"runs": rows, "budget": budget, "knn_floor": knn_floor})
 
 
 if __name__ == "__main__":
