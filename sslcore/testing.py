@@ -117,3 +117,43 @@ def _distributed_entry(rank: int, fn: Any, args: tuple[Any, ...], world_size: in
         torch.save(result, Path(tmp) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+#: shrink an example experiment to two steps of one epoch on 100 training images (10 per class)
+BRIEF_RUN = ("scaling.backend=local", "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=32",
+             "data.max_per_class=10", "evaluators.0.data.max_per_class=5", "evaluators.0.every_epochs=0")
+
+
+def run_cli(*args: str, cwd: Path, autoload: bool = True, timeout: float = 600) -> Any:
+    """``sslcore ARGS`` in a child process, as a user runs it (installed plugins loaded unless ``autoload``
+    is False); returns the ``subprocess.CompletedProcess`` with its output captured."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("SSLCORE_DISABLE_PLUGIN_AUTOLOAD", None)
+    if not autoload:
+        env["SSLCORE_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    return subprocess.run([sys.executable, "-m", "sslcore.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def run_example_briefly(example: Path, cifar10_dir: Path, tmp_path: Path, *overrides: str) -> Path:
+    """Run the experiment file ``example`` through the CLI on the CIFAR-10 images of ``cifar10_dir`` (it
+    names ``~/.cache/sslcore/cifar10``), shrunk by :data:`BRIEF_RUN` and then ``overrides`` (``key=value``).
+    Checks that it exits 0 with a final kNN top-1 in [0, 1] and a checkpoint; returns the run folder."""
+    import json
+
+    import yaml
+
+    config = tmp_path / example.name
+    config.write_text(example.read_text().replace("~/.cache/sslcore/cifar10", str(cifar10_dir)))
+    sets = [arg for override in (*BRIEF_RUN, *overrides) for arg in ("--set", override)]
+    out = run_cli("run", str(config), *sets, cwd=tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    experiment = yaml.safe_load(config.read_text())
+    run_dir = tmp_path / experiment.get("output_dir", "runs") / experiment["name"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 0.0 <= summary["final"]["knn_top1"] <= 1.0, summary
+    assert list(run_dir.glob("checkpoint_*/state.pt")), f"no checkpoint in {run_dir}"
+    return run_dir

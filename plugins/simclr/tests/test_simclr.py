@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 from sslcore.engine.context import MethodContext
 from sslcore.heads import MLPHead
 from sslcore.registry import Registry
-from sslcore.testing import check_component, run_distributed
+from sslcore.testing import check_component, run_distributed, run_example_briefly
 
-CLI = [sys.executable, "-m", "sslcore.cli"]
 GLOBAL_BATCH = 8
 TAU = 0.5
 
@@ -204,25 +200,8 @@ def test_the_installed_entry_point_registers_simclr() -> None:
     assert SimCLRConfig().head_hidden_dim == 2048 and SimCLRConfig().dim == 128
 
 
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """The CLI with the installed plugins loaded, as a user runs it."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("SSLCORE_DISABLE_PLUGIN_AUTOLOAD", None)
-    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
-
-
 def test_cifar10_example_runs_as_written(tmp_path: Path, cifar10_dir: Path) -> None:
-    example = Path(__file__).parents[3] / "examples" / "simclr_cifar10.yaml"
-    text = example.read_text().replace("~/.cache/sslcore/cifar10", str(cifar10_dir))  # the same, unless moved
-    (tmp_path / "simclr_cifar10.yaml").write_text(text)
-    out = run("run", str(tmp_path / "simclr_cifar10.yaml"), "--set", "scaling.backend=local",
-              "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--set", "train.batch_size=32",
-              "--set", "data.max_per_class=10", "--set", "evaluators.0.data.max_per_class=5",
-              "--set", "evaluators.0.every_epochs=0", "--set", "train.log_every_steps=1", cwd=tmp_path)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
-    run_dir = tmp_path / "runs" / "simclr_cifar10"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert 0.0 <= summary["final"]["knn_top1"] <= 1.0
-    assert (run_dir / "checkpoint_000000" / "state.pt").is_file()
+    run_dir = run_example_briefly(Path(__file__).parents[3] / "examples" / "simclr_cifar10.yaml", cifar10_dir,
+                                  tmp_path, "train.log_every_steps=1")
     steps = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if m["subset"] == "train"]
     assert len(steps) == 2 and all(math.isfinite(m["loss"]) and 0.0 <= m["contrast_acc"] <= 1.0 for m in steps)
