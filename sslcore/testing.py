@@ -157,3 +157,24 @@ def run_example_briefly(example: Path, cifar10_dir: Path, tmp_path: Path, *overr
     assert 0.0 <= summary["final"]["knn_top1"] <= 1.0, summary
     assert list(run_dir.glob("checkpoint_*/state.pt")), f"no checkpoint in {run_dir}"
     return run_dir
+
+
+def tiny_encoder(feature_dim: int = 8) -> Any:
+    """A conv, a ReLU and global pooling, with ``feature_dim``: an encoder without BatchNorm for method
+    tests (no statistic couples the samples of a batch), fast on one thread."""
+    from torch import nn
+
+    encoder = nn.Sequential(nn.Conv2d(3, feature_dim, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    encoder.feature_dim = feature_dim
+    return encoder
+
+
+def check_plugin(registry: Any, module: str, components: list[tuple[str, str]]) -> None:
+    """Register the plugin ``module`` on ``registry``, run the contract on each ``(kind, name)`` it
+    registers, and unregister it again."""
+    registry.add_module(module)
+    try:
+        for kind, name in components:
+            check_component(registry, kind, name)
+    finally:
+        registry.remove_plugin(module)

@@ -10,31 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 from sslcore_byol import BYOL, BYOLConfig, BYOLLoss, BYOLLossConfig
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sslcore.engine.context import MethodContext
 from sslcore.registry import Registry
-from sslcore.testing import check_component, run_distributed, run_example_briefly
+from sslcore.testing import check_plugin, run_distributed, run_example_briefly, tiny_encoder
 
 GLOBAL_BATCH = 16
-
-
-class TinyEncoder(nn.Sequential):
-    """A conv, a ReLU and global pooling: an encoder with no BatchNorm, fast on one thread."""
-
-    feature_dim = 8
-
-    def __init__(self) -> None:
-        super().__init__(nn.Conv2d(3, self.feature_dim, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten())
 
 
 def build_byol(*, total_steps: int = 100, **method) -> BYOL:
     config = BYOLConfig(**{"projector_hidden_dim": 16, "dim": 8, "predictor_hidden_dim": 16, **method})
     context = MethodContext(world_size=1, rank=0, global_batch_size=GLOBAL_BATCH, steps_per_epoch=total_steps,
                             epochs=1, device=torch.device("cpu"))
-    return BYOL(config, context=context, encoder=TinyEncoder(), loss=BYOLLoss(BYOLLossConfig()))
+    return BYOL(config, context=context, encoder=tiny_encoder(), loss=BYOLLoss(BYOLLossConfig()))
 
 
 def views(n: int = GLOBAL_BATCH, seed: int = 0) -> list[torch.Tensor]:
@@ -193,12 +182,7 @@ def test_two_workers_compute_the_loss_and_gradients_of_one_process() -> None:
 
 
 def test_byol_meets_the_method_and_loss_contracts(registry: Registry) -> None:
-    registry.add_module("sslcore_byol.plugin")
-    try:
-        check_component(registry, "method", "byol")
-        check_component(registry, "loss", "byol")
-    finally:
-        registry.remove_plugin("sslcore_byol.plugin")
+    check_plugin(registry, "sslcore_byol.plugin", [("method", "byol"), ("loss", "byol")])
 
 
 def test_the_installed_entry_point_registers_byol() -> None:

@@ -17,26 +17,16 @@ from torch.nn.parallel import DistributedDataParallel
 from sslcore.engine.context import MethodContext
 from sslcore.heads import MLPHead
 from sslcore.registry import Registry
-from sslcore.testing import check_component, run_distributed, run_example_briefly
+from sslcore.testing import check_plugin, run_distributed, run_example_briefly, tiny_encoder
 
 GLOBAL_BATCH = 8
 TAU = 0.5
 
 
-class TinyEncoder(nn.Sequential):
-    """A conv, a ReLU and global pooling: an encoder with no BatchNorm, fast on one thread."""
-
-    feature_dim = 8
-
-    def __init__(self) -> None:
-        super().__init__(nn.Conv2d(3, self.feature_dim, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten())
-
-
 def build_simclr(temperature: float = TAU) -> SimCLR:
     context = MethodContext(world_size=1, rank=0, global_batch_size=GLOBAL_BATCH, steps_per_epoch=1, epochs=1,
                             device=torch.device("cpu"))
-    return SimCLR(SimCLRConfig(head_hidden_dim=16, dim=8), context=context, encoder=TinyEncoder(),
+    return SimCLR(SimCLRConfig(head_hidden_dim=16, dim=8), context=context, encoder=tiny_encoder(),
                   loss=NTXentLoss(NTXentConfig(temperature=temperature)))
 
 
@@ -114,7 +104,7 @@ def test_both_views_go_through_the_encoder_and_head_as_one_batch() -> None:
     torch.manual_seed(0)
     model = build_simclr().train()
     head = model.projector
-    assert isinstance(head, MLPHead) and head.dims == [TinyEncoder.feature_dim, 16, 8]
+    assert isinstance(head, MLPHead) and head.dims == [8, 16, 8]
     linears = [m for m in head if isinstance(m, nn.Linear)]
     assert all(linear.bias is None for linear in linears)  # both are followed by a BatchNorm
     assert isinstance(head[-1], nn.BatchNorm1d) and head[-1].affine
@@ -182,12 +172,7 @@ def test_two_workers_compute_the_loss_and_gradients_of_one_process() -> None:
 
 
 def test_simclr_meets_the_method_and_loss_contracts(registry: Registry) -> None:
-    registry.add_module("sslcore_simclr.plugin")
-    try:
-        check_component(registry, "method", "simclr")
-        check_component(registry, "loss", "nt_xent")
-    finally:
-        registry.remove_plugin("sslcore_simclr.plugin")
+    check_plugin(registry, "sslcore_simclr.plugin", [("method", "simclr"), ("loss", "nt_xent")])
 
 
 def test_the_installed_entry_point_registers_simclr() -> None:

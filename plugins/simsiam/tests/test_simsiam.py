@@ -15,26 +15,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sslcore.engine.context import MethodContext
 from sslcore.registry import Registry
-from sslcore.testing import check_component, run_distributed, run_example_briefly
+from sslcore.testing import check_plugin, run_distributed, run_example_briefly, tiny_encoder
 
 GLOBAL_BATCH = 16
-
-
-class TinyEncoder(nn.Sequential):
-    """A conv, a ReLU and global pooling: an encoder with no BatchNorm, fast on one thread."""
-
-    feature_dim = 8
-
-    def __init__(self) -> None:
-        super().__init__(nn.Conv2d(3, self.feature_dim, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten())
 
 
 def build_simsiam(**method) -> SimSiam:
     config = SimSiamConfig(**{"dim": 16, "projector_hidden_dim": 16, "predictor_hidden_dim": 4, **method})
     context = MethodContext(world_size=1, rank=0, global_batch_size=GLOBAL_BATCH, steps_per_epoch=1, epochs=1,
                             device=torch.device("cpu"))
-    return SimSiam(config, context=context, encoder=TinyEncoder(), loss=NegativeCosineLoss(NegativeCosineConfig()))
+    return SimSiam(config, context=context, encoder=tiny_encoder(), loss=NegativeCosineLoss(NegativeCosineConfig()))
 
 
 def views(n: int = GLOBAL_BATCH, seed: int = 0) -> list[torch.Tensor]:
@@ -160,12 +150,7 @@ def test_two_workers_compute_the_loss_and_gradients_of_one_process() -> None:
 
 
 def test_simsiam_meets_the_method_and_loss_contracts(registry: Registry) -> None:
-    registry.add_module("sslcore_simsiam.plugin")
-    try:
-        check_component(registry, "method", "simsiam")
-        check_component(registry, "loss", "negative_cosine")
-    finally:
-        registry.remove_plugin("sslcore_simsiam.plugin")
+    check_plugin(registry, "sslcore_simsiam.plugin", [("method", "simsiam"), ("loss", "negative_cosine")])
 
 
 def test_the_installed_entry_point_registers_simsiam() -> None:
