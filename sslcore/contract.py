@@ -161,6 +161,9 @@ def _check_method(registry: Registry, name: str, build: Callable[..., Any], tmp:
     batch = 16  # MoCo's default 8 BN groups need at least 2 samples each
     # ``method: NAME`` alone, resolved as an experiment file would be: the method's slot defaults
     experiment = resolve({"method": name, "data": {"name": "image_folder", "root": str(tmp)}}, registry).as_dict()
+    encoder = experiment.get("encoder")
+    if encoder is not None and "image_size" in encoder:  # an encoder built for one image size (a ViT): 32 px here
+        encoder["image_size"] = 32
     context = MethodContext(world_size=1, rank=0, global_batch_size=batch, steps_per_epoch=2, epochs=1,
                             device=torch.device("cpu"), registry=registry)
     method = build_method(experiment, registry, context)

@@ -146,7 +146,9 @@ def register_methods(register: Register) -> None:
     - ``backbone: torch.nn.Module`` — the encoder that evaluators use and ``sslcore export`` writes.
 
     Optional: ``on_epoch_start(epoch: int, context) -> dict | None`` for work between epochs (an E-step),
-    called on every worker; what it returns (floats, or 1-D tensors as distributions) is tracked.
+    called on every worker, and ``on_train_end(context) -> dict | None``, called on every worker after the
+    last epoch (final pictures); what they return (floats, 1-D tensors as distributions, PIL images) is
+    tracked.
     ``context.dataset_size`` sizes per-sample state. Method state that must survive a resume lives in
     buffers or submodules, so ``state_dict()`` holds it.
     """

@@ -1,7 +1,7 @@
 """Augmentation recipes, in albumentations on uint8 numpy images (several times faster than torchvision
 on the CPU, see MEASURED.md).
 
-Each recipe makes two views of every image with random crops and colour distortions:
+Three recipes make two views of every image with random crops and colour distortions:
 
 - ``moco_v2``: MoCo v2 (Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning"): a random
   resized crop, color jitter, random grayscale, Gaussian blur and a horizontal flip, the same for both views;
@@ -9,6 +9,11 @@ Each recipe makes two views of every image with random crops and colour distorti
   with p 0.8, grayscale p 0.2, blur p 0.5, crops of 8-100% of the area;
 - ``byol``: BYOL (Grill et al. 2020), asymmetric: view 1 always blurred and never solarized, view 2
   blurred with p 0.1 and solarized with p 0.2 (Barlow Twins and VICReg use it too).
+
+and one makes a single view, for methods that corrupt it themselves:
+
+- ``mae``: MAE (He et al. 2022): a random resized crop of 20-100% of the area (bicubic) and a horizontal
+  flip, no colour distortion; the masking is the method's.
 
 Gaussian blur is left out below ``blur_min_size`` pixels (SimCLR's CIFAR-10 recipe leaves it out too).
 """
@@ -73,6 +78,26 @@ class BYOLConfig(MoCoV2Config):
         (0.08, 1.0), description="Range of the crop's area as a fraction of the image (RandomResizedCrop).")
 
 
+class MAEConfig(BaseModel):
+    """Parameters of the MAE augmentation recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int = Field(224, gt=0, description="Side of the square view and of the eval crop, in pixels.")
+    scale: tuple[AreaFraction, AreaFraction] = Field(
+        (0.2, 1.0), description="Range of the crop's area as a fraction of the image (RandomResizedCrop).")
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Per-channel mean for normalization.")
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
+        IMAGENET_STD, description="Per-channel standard deviation for normalization.")
+
+    @field_validator("scale")
+    @classmethod
+    def _ordered(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        if scale[0] > scale[1]:
+            raise ValueError(f"scale is (min, max), got min {scale[0]} > max {scale[1]}")
+        return scale
+
+
 def _reseed(compose: A.Compose, seed: int) -> None:
     """Seed ``compose`` and give each of its transforms its own stream derived from ``seed``.
 
@@ -92,7 +117,7 @@ class ViewAugmentation:
     two draws of the same pipeline). Subclasses build the pipelines of their recipe.
     """
 
-    def __init__(self, view_transforms: list[A.Compose], config: MoCoV2Config) -> None:
+    def __init__(self, view_transforms: list[A.Compose], config: MoCoV2Config | MAEConfig) -> None:
         import albumentations as A
 
         self.view_transforms = view_transforms
@@ -132,7 +157,7 @@ def _blur(config: MoCoV2Config, p: float) -> list[A.BasicTransform]:
     return [A.GaussianBlur(sigma_limit=(0.1, 2.0), blur_limit=0, p=p)]
 
 
-def _to_tensor(config: MoCoV2Config) -> list[A.BasicTransform]:
+def _to_tensor(config: MoCoV2Config | MAEConfig) -> list[A.BasicTransform]:
     import albumentations as A
 
     return [A.Normalize(mean=config.mean, std=config.std), A.ToTensorV2()]
@@ -197,8 +222,25 @@ class BYOLAugmentation(ViewAugmentation):
         super().__init__([view(1.0, 0.0), view(0.1, 0.2)], config)
 
 
+class MAEAugmentation(ViewAugmentation):
+    """MAE's one view (its ``main_pretrain.py``): a random resized crop, bicubic, and a horizontal flip."""
+
+    def __init__(self, config: MAEConfig) -> None:
+        import albumentations as A
+        import cv2
+
+        size = config.size
+        transform = A.Compose([
+            A.RandomResizedCrop(size=(size, size), scale=config.scale, interpolation=cv2.INTER_CUBIC),
+            A.HorizontalFlip(p=0.5),
+            *_to_tensor(config),
+        ])
+        super().__init__([transform], config)
+
+
 @hookimpl
 def register_augmentations(register: Register) -> None:
     register("moco_v2", MoCoV2Augmentation, config=MoCoV2Config)
     register("simclr", SimCLRAugmentation, config=SimCLRConfig)
     register("byol", BYOLAugmentation, config=BYOLConfig)
+    register("mae", MAEAugmentation, config=MAEConfig)

@@ -1,15 +1,20 @@
-"""Backbone encoders: torchvision ResNets without their classifier, randomly initialised (never downloaded).
+"""Backbone encoders: torchvision ResNets without their classifier and Vision Transformers made of
+torchvision's ViT pieces, randomly initialised (never downloaded).
 
-An encoder is a plain ``torchvision.models.ResNet`` whose ``fc`` is ``nn.Identity()``, with an extra
+A ResNet encoder is a plain ``torchvision.models.ResNet`` whose ``fc`` is ``nn.Identity()``, with an extra
 ``feature_dim`` attribute, so the ``state_dict`` that ``sslcore export`` writes loads strictly into
-:func:`plain_torchvision_resnet` — standard torchvision code, no sslcore needed to use the weights.
+:func:`plain_torchvision_resnet` — standard torchvision code, no sslcore needed to use the weights. A ViT
+encoder has the parameter names of ``torchvision.models.VisionTransformer`` and loads strictly into
+:func:`plain_torchvision_vit` the same way.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from sslcore import hookimpl
@@ -89,7 +94,175 @@ def resnet50(config: ResNetConfig) -> models.ResNet:
     return build_resnet("resnet50", config)
 
 
+# -- Vision Transformers ----------------------------------------------------------------------------------
+
+#: width D, depth (blocks) and attention heads of each size: ViT-Ti and ViT-S of DeiT (Touvron et al. 2021),
+#: ViT-B of the ViT paper (Dosovitskiy et al. 2021)
+VIT_SIZES: dict[str, tuple[int, int, int]] = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),
+                                              "vit_base": (768, 12, 12)}
+
+
+class ViTConfig(BaseModel):
+    """Parameters of a Vision Transformer encoder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_size: int = Field(
+        32, gt=0, description="Side of the square input images in pixels (32 for CIFAR-10, 224 for ImageNet): "
+                              "the encoder accepts this size only, so it must equal the augmentation's size.")
+    patch_size: int = Field(
+        4, gt=0, description="Side of the square patches in pixels, a divisor of image_size (4 at 32 px, "
+                             "16 at 224 px: 64 and 196 patches).")
+    position_embedding: Literal["sincos", "learned"] = Field(
+        "sincos", description="'sincos': fixed 2-D sine-cosine embeddings, not trained (MAE, MoCo v3); "
+                              "'learned': trained, initialised N(0, 0.02^2) (the ViT paper, torchvision).")
+    pool: Literal["cls", "mean"] = Field(
+        "cls", description="The features forward() returns: the output of the CLS token ('cls') or the mean of "
+                           "the outputs of the patch tokens ('mean'), both after the final LayerNorm.")
+    depth: int | None = Field(None, ge=1, description="Number of Transformer blocks; default the size's 12. "
+                                                      "Fewer for quick tests.")
+
+    @model_validator(mode="after")
+    def _patches_tile_the_image(self) -> ViTConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}; "
+                             f"use a divisor of it (4 at 32 px, 16 at 224 px)")
+        return self
+
+
+def sincos_position_embedding(dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings of a grid_size x grid_size grid of patches, in row-major order
+    (the order of :meth:`VisionTransformerEncoder.embed_patches`): (grid_size^2) x dim, as MAE's
+    ``get_2d_sincos_pos_embed``.
+
+    Channels [0, dim/2) encode the patch's column x and [dim/2, dim) its row y, each as
+    [sin(pos omega_0) .. sin(pos omega_{K-1}), cos(pos omega_0) .. cos(pos omega_{K-1})] with K = dim/4 and
+    omega_k = 10000^(-k/K).
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
+    k = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(k, dtype=torch.float64) / k)  # K
+    y, x = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64),
+                          torch.arange(grid_size, dtype=torch.float64), indexing="ij")  # grid_size x grid_size
+
+    def encode(position: torch.Tensor) -> torch.Tensor:  # grid_size x grid_size -> L x dim/2
+        angles = position.flatten()[:, None] * omega[None, :]  # L x K
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(x), encode(y)], dim=1).float()  # L x dim
+
+
+class VisionTransformerEncoder(nn.Module):
+    """A Vision Transformer (Dosovitskiy et al. 2021) made of torchvision's pieces: the patch embedding
+    ``conv_proj`` (a p x p convolution of stride p), the CLS token ``class_token`` and torchvision's ``Encoder``
+    (``encoder.pos_embedding``, the pre-norm blocks ``encoder.layers``, the final LayerNorm ``encoder.ln``),
+    with ``feature_dim`` = the width D.
+
+    ``forward(x: N x 3 x image_size x image_size) -> N x D``: the L = (image_size / p)^2 patch embeddings plus
+    their position embeddings, the CLS token plus its own (zero for sin-cos) in front, the blocks and the
+    final norm; then the CLS token's output (``pool: cls``) or the mean over the patch tokens (``pool: mean``).
+    Methods that encode a subset of the patches (MAE) use the pieces: :meth:`embed_patches`,
+    :attr:`position_embedding`, :attr:`class_token`, :attr:`blocks`, :attr:`norm`.
+
+    The ``state_dict`` has torchvision's names and loads strictly into :func:`plain_torchvision_vit`; with
+    ``pool: cls`` that model computes the same features (with ``pool: mean``, the mean of
+    ``model.encoder(tokens)[:, 1:]``). Sin-cos position embeddings are a buffer, which loads into
+    torchvision's trained parameter.
+    """
+
+    def __init__(self, width: int, depth: int, heads: int, config: ViTConfig) -> None:
+        from torchvision.models.vision_transformer import Encoder
+
+        super().__init__()
+        p = config.patch_size
+        self.image_size, self.patch_size = config.image_size, p
+        self.grid_size = config.image_size // p
+        self.num_patches = self.grid_size**2  # L
+        self.feature_dim = width
+        self.pool = config.pool
+        self.conv_proj = nn.Conv2d(3, width, kernel_size=p, stride=p)
+        nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / (3 * p * p)))  # as torchvision's ViT
+        nn.init.zeros_(self.conv_proj.bias)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.encoder = Encoder(self.num_patches + 1, depth, heads, width, mlp_dim=4 * width, dropout=0.0,
+                               attention_dropout=0.0)
+        if config.position_embedding == "sincos":
+            del self.encoder.pos_embedding  # torchvision's learned parameter becomes a fixed buffer
+            cls_and_patches = torch.cat([torch.zeros(1, width), sincos_position_embedding(width, self.grid_size)])
+            self.encoder.register_buffer("pos_embedding", cls_and_patches[None])  # 1 x (1 + L) x D
+
+    @property
+    def position_embedding(self) -> torch.Tensor:
+        """1 x (1 + L) x D: row 0 for the CLS token, then the L patches in row-major order."""
+        return self.encoder.pos_embedding
+
+    @property
+    def blocks(self) -> nn.Sequential:
+        """The Transformer blocks (torchvision ``EncoderBlock``s): N x T x D -> N x T x D, any T."""
+        return self.encoder.layers
+
+    @property
+    def norm(self) -> nn.LayerNorm:
+        """The LayerNorm after the last block."""
+        return self.encoder.ln
+
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """x: N x 3 x image_size x image_size -> N x L x D, the patch embeddings in row-major order, without
+        position embeddings."""
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.image_size, self.image_size):
+            raise ValueError(f"this ViT takes N x 3 x {self.image_size} x {self.image_size} images, got "
+                             f"{tuple(x.shape)}; set the encoder's image_size to the augmentation's size")
+        return self.conv_proj(x).flatten(2).transpose(1, 2)  # N x D x h x w -> N x L x D
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = self.embed_patches(x) + self.position_embedding[:, 1:]  # N x L x D
+        cls = (self.class_token + self.position_embedding[:, :1]).expand(x.shape[0], -1, -1)  # N x 1 x D
+        tokens = self.norm(self.blocks(torch.cat([cls, patches], dim=1)))  # N x (1 + L) x D
+        return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1)  # N x D
+
+
+def plain_torchvision_vit(name: str, image_size: int, patch_size: int, depth: int | None = None) -> nn.Module:
+    """The plain torchvision model an exported ViT encoder's ``state_dict`` loads into (strictly)::
+
+        model = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=12, num_heads=3,
+                                                     hidden_dim=192, mlp_dim=768)  # vit_tiny at 32 px
+        model.heads = nn.Identity()
+        model.load_state_dict(torch.load("encoder.pt"))
+    """
+    from torchvision.models import VisionTransformer
+
+    width, default_depth, heads = VIT_SIZES[name]
+    model = VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=depth or default_depth,
+                              num_heads=heads, hidden_dim=width, mlp_dim=4 * width)
+    model.heads = nn.Identity()
+    return model
+
+
+def build_vit(name: str, config: ViTConfig) -> VisionTransformerEncoder:
+    width, depth, heads = VIT_SIZES[name]
+    return VisionTransformerEncoder(width, config.depth or depth, heads, config)
+
+
+def vit_tiny(config: ViTConfig) -> VisionTransformerEncoder:
+    """ViT-Ti: width 192, 12 blocks, 3 heads; see :class:`VisionTransformerEncoder`."""
+    return build_vit("vit_tiny", config)
+
+
+def vit_small(config: ViTConfig) -> VisionTransformerEncoder:
+    """ViT-S: width 384, 12 blocks, 6 heads; see :class:`VisionTransformerEncoder`."""
+    return build_vit("vit_small", config)
+
+
+def vit_base(config: ViTConfig) -> VisionTransformerEncoder:
+    """ViT-B: width 768, 12 blocks, 12 heads; see :class:`VisionTransformerEncoder`."""
+    return build_vit("vit_base", config)
+
+
 @hookimpl
 def register_encoders(register: Register) -> None:
     register("resnet18", resnet18, config=ResNetConfig)
     register("resnet50", resnet50, config=ResNetConfig)
+    register("vit_tiny", vit_tiny, config=ViTConfig)
+    register("vit_small", vit_small, config=ViTConfig)
+    register("vit_base", vit_base, config=ViTConfig)

@@ -327,6 +327,14 @@ class Trainer:
             self.tracker.log(metrics, step=self.step, epoch=epoch, subset="epoch_start")
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
+    def train_end(self) -> None:
+        """The method's ``on_train_end`` (final pictures), on every worker; what it returns is tracked."""
+        if not hasattr(self.method, "on_train_end"):
+            return
+        metrics = self.method.on_train_end(self.method_context) or {}
+        if self.tracker is not None and metrics:
+            self.tracker.log(metrics, step=self.step, epoch=self.epochs - 1, subset="train_end")
+
     def _check_finite(self, loss: float, epoch: int) -> None:
         if not math.isfinite(loss):
             raise TrainingError(
@@ -384,6 +392,7 @@ class Trainer:
             last = metrics
         if self.bar is not None:
             self.bar.close()
+        self.train_end()
         if self.is_main:
             torch.save(self.method.backbone.state_dict(), self.run_dir / "backbone.pt")
             self._write_summary({"final": last})

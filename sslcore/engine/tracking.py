@@ -41,11 +41,17 @@ class Tracker:
         """Record ``metrics`` at a global ``step``; ``subset`` is "train", "eval" or "epoch_start".
 
         A value is a float, or a 1-D tensor of samples (cluster sizes, say): a distribution, kept in
-        metrics.jsonl as a histogram ``{"bin_edges": [...], "counts": [...]}`` and in aim as a Distribution.
+        metrics.jsonl as a histogram ``{"bin_edges": [...], "counts": [...]}`` and in aim as a Distribution;
+        or a PIL image, tracked by aim as an Image and left out of metrics.jsonl (whoever made it writes
+        the PNG to the run folder).
         """
+        from PIL import Image
+
+        images = {k for k, v in metrics.items() if isinstance(v, Image.Image)}
         distributions = {k: v.detach().cpu().double().numpy() for k, v in metrics.items()
                          if isinstance(v, torch.Tensor)}
-        record = {"subset": subset, "epoch": epoch, "step": step, **metrics}
+        record = {"subset": subset, "epoch": epoch, "step": step,
+                  **{k: v for k, v in metrics.items() if k not in images}}
         for key, samples in distributions.items():
             counts, edges = np.histogram(samples, bins=HISTOGRAM_BINS)
             record[key] = {"bin_edges": edges.tolist(), "counts": counts.tolist()}
@@ -57,6 +63,8 @@ class Tracker:
             for key, value in metrics.items():
                 if key in distributions:
                     value = aim.Distribution(samples=distributions[key], bin_count=HISTOGRAM_BINS)
+                elif key in images:
+                    value = aim.Image(value)
                 self.aim_run.track(value, name=key, step=step, epoch=epoch, context={"subset": subset})
 
     def close(self) -> None:

@@ -295,3 +295,37 @@ def test_moco_meets_the_method_contract(registry: Registry) -> None:
         check_component(registry, "method", "moco")
     finally:
         registry.remove_plugin("sslcore_moco.plugin")
+
+
+def test_a_vit_encoder_block_gives_moco_v3_style_training(registry: Registry, tmp_path: Path) -> None:
+    """MoCo with a ViT (MoCo v3's encoder), built from an experiment file that swaps the encoder block: the
+    split-BN conversion finds no BatchNorm in the ViT and leaves it as it is."""
+    from sslcore.components.encoders import VisionTransformerEncoder, plain_torchvision_vit
+    from sslcore.config import load_experiment
+    from sslcore.engine.loop import build_method
+
+    (tmp_path / "experiment.yaml").write_text(f"""
+method: {{name: moco, dim: 16, head_hidden_dim: 32}}
+encoder: {{name: vit_tiny, image_size: {SIZE}, patch_size: 4, depth: 1}}
+negatives: {{name: queue, size: 64}}
+data: {{name: image_folder, root: {tmp_path}}}
+""")
+    registry.add_module("sslcore_moco.plugin")
+    try:
+        experiment = load_experiment(tmp_path / "experiment.yaml", registry).as_dict()
+        context = MethodContext(world_size=1, rank=0, global_batch_size=BATCH, steps_per_epoch=1, epochs=1,
+                                device=torch.device("cpu"))
+        torch.manual_seed(0)
+        model = build_method(experiment, registry, context).train()
+    finally:
+        registry.remove_plugin("sslcore_moco.plugin")
+    assert model.shuffle_bn == "split" and isinstance(model.backbone, VisionTransformerEncoder)
+    assert not any(isinstance(m, SplitBatchNorm) for m in model.modules())
+    plain_torchvision_vit("vit_tiny", SIZE, 4, depth=1).load_state_dict(model.backbone.state_dict(), strict=True)
+
+    out = model([images(seed=1), images(seed=2)])
+    out["loss"].backward()
+
+    assert torch.isfinite(out["loss"])
+    assert all(p.grad is not None for p in query_parameters(model))
+    assert all(p.grad is None for p in key_parameters(model))

@@ -190,3 +190,34 @@ def test_cifar10_example_runs_as_written(tmp_path: Path, cifar10_dir: Path) -> N
                                   tmp_path, "train.log_every_steps=1")
     steps = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if m["subset"] == "train"]
     assert len(steps) == 2 and all(math.isfinite(m["loss"]) and 0.0 <= m["contrast_acc"] <= 1.0 for m in steps)
+
+
+def test_a_vit_encoder_block_trains_simclr(registry: Registry, tmp_path: Path) -> None:
+    """SimCLR with a ViT, built from an experiment file that swaps the encoder block."""
+    from sslcore.components.encoders import VisionTransformerEncoder
+    from sslcore.config import load_experiment
+    from sslcore.engine.loop import build_method
+
+    (tmp_path / "experiment.yaml").write_text(f"""
+method: {{name: simclr, head_hidden_dim: 16, dim: 8}}
+encoder: {{name: vit_tiny, image_size: 16, patch_size: 4, depth: 1}}
+data: {{name: image_folder, root: {tmp_path}}}
+""")
+    registry.add_module("sslcore_simclr.plugin")
+    try:
+        experiment = load_experiment(tmp_path / "experiment.yaml", registry).as_dict()
+        context = MethodContext(world_size=1, rank=0, global_batch_size=GLOBAL_BATCH, steps_per_epoch=1, epochs=1,
+                                device=torch.device("cpu"))
+        torch.manual_seed(0)
+        model = build_method(experiment, registry, context).train()
+    finally:
+        registry.remove_plugin("sslcore_simclr.plugin")
+    assert isinstance(model.backbone, VisionTransformerEncoder)
+    generator = torch.Generator().manual_seed(0)
+    v1, v2 = (torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=generator) for _ in range(2))
+
+    out = model([v1, v2])
+    out["loss"].backward()
+
+    assert torch.isfinite(out["loss"]) and 0.0 <= out["contrast_acc"].item() <= 1.0
+    assert all(p.grad is not None for p in model.parameters())
