@@ -39,6 +39,8 @@ def register_augmentations(register: Register) -> None:
       a float tensor 3 x S x S, normalized;
     - ``eval(image: np.ndarray) -> torch.Tensor`` — the deterministic transform used by evaluators
       (resize, center crop, normalize);
+    - optional ``labelled(image: np.ndarray) -> torch.Tensor`` — the random crop and flip that evaluators
+      training a classifier (``linear_probe``, ``finetune``) use; without it they train on ``eval``;
     - ``set_seed(seed: int) -> None`` — reseed the recipe's random generator (called per DataLoader worker
       and per epoch, so that runs and resumes are reproducible).
     """
@@ -121,7 +123,9 @@ def register_datasets(register: Register) -> None:
 
     ``factory(config) -> torch.utils.data.Dataset`` whose items are ``(image, label)``: ``image`` an
     H x W x 3 uint8 numpy array (RGB; grayscale is converted), ``label`` an int, -1 when unlabeled.
-    The dataset exposes ``classes: list[str]`` (empty when unlabeled). Items that cannot be decoded are
+    The dataset exposes ``classes: list[str]`` (empty when unlabeled) and may expose ``targets`` (every
+    item's label, as torchvision's datasets do), which lets evaluators draw labelled subsets without
+    decoding every image. Items that cannot be decoded are
     logged and skipped by sslcore's loader, so a dataset may raise ``sslcore.data.UnreadableImage``.
     """
 

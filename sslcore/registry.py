@@ -50,6 +50,7 @@ BUILTIN_MODULES = (
     "sslcore.components.losses",
     "sslcore.components.clustering",
     "sslcore.components.evaluators",
+    "sslcore.components.probes",
     "sslcore.data.datasets",
 )
 

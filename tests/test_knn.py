@@ -94,7 +94,7 @@ def test_unlabelled_data_is_a_user_error(registry, cifar10_subset, backbone, tmp
     for image in sorted((cifar10_subset["test"] / "cat").iterdir())[:4]:
         (flat / image.name).symlink_to(image)
     evaluator = KNNEvaluator(KNNConfig(k=2, data=image_folder(flat)))
-    with pytest.raises(UserError, match=r"knn needs labelled data: evaluators\[knn\]\.data"):
+    with pytest.raises(UserError, match=r"knn \(evaluators\[knn\]\.data\) needs labelled data"):
         evaluator.evaluate(backbone, eval_context(registry, cifar10_subset["train"]))
 
 

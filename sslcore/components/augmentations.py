@@ -131,6 +131,13 @@ class ViewAugmentation:
             A.Normalize(mean=config.mean, std=config.std),
             A.ToTensorV2(),
         ])
+        # The train transform of linear classification (MoCo's main_lincls.py): crop of 8-100% and flip.
+        self.labelled_transform = A.Compose([
+            A.RandomResizedCrop(size=(size, size), scale=(0.08, 1.0)),
+            A.HorizontalFlip(p=0.5),
+            A.Normalize(mean=config.mean, std=config.std),
+            A.ToTensorV2(),
+        ])
 
     def views(self, image: np.ndarray) -> list[torch.Tensor]:
         """``image``: H x W x 3 uint8 RGB -> ``num_views`` float tensors 3 x S x S."""
@@ -140,6 +147,11 @@ class ViewAugmentation:
         """``image``: H x W x 3 uint8 RGB -> float tensor 3 x S x S (resize, center crop, normalize)."""
         return self.eval_transform(image=image)["image"]
 
+    def labelled(self, image: np.ndarray) -> torch.Tensor:
+        """``image`` -> a random resized crop (8-100% of the area) with a random flip, normalized: what
+        evaluators that train a classifier (linear probe, fine-tuning) see."""
+        return self.labelled_transform(image=image)["image"]
+
     def set_seed(self, seed: int) -> None:
         """Reseed every pipeline; the same seed gives the same sequence of views. Distinct pipelines get
         distinct streams, so the crops of BYOL's two views are independent."""
@@ -147,6 +159,7 @@ class ViewAugmentation:
         for i, transform in enumerate(distinct):
             _reseed(transform, seed if i == 0 else int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
         _reseed(self.eval_transform, seed)
+        _reseed(self.labelled_transform, seed)
 
 
 def _blur(config: MoCoV2Config, p: float) -> list[A.BasicTransform]:

@@ -94,14 +94,9 @@ class KNNEvaluator:
 
     def _labelled_features(self, backbone: nn.Module, context: EvalContext, key: str
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-        block = getattr(self.config, key)
-        features, labels = context.features(backbone, block)  # block None: the experiment's training data
-        if (labels < 0).any():
-            where = f"evaluators[knn].{key}" if block is not None else "the experiment's data"
-            source = block or context.train_data
-            raise UserError(f"knn needs labelled data: {where} ({source.get('root', source)}) has no class "
-                            "labels; point it at a folder of class subfolders (image_folder, labeled: true)")
-        return features, labels
+        block = getattr(self.config, key)  # None: the experiment's training data
+        where = f"knn (evaluators[knn].{key})" if block is not None else "knn (the experiment's data)"
+        return context.labelled_features(backbone, block, where)
 
 
 class ClusteringQualityConfig(BaseModel):
@@ -126,10 +121,8 @@ class ClusteringQualityEvaluator:
     def evaluate(self, backbone: nn.Module, context: EvalContext) -> dict[str, float]:
         from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
 
-        features, labels = context.features(backbone, self.config.data)
-        if (labels < 0).any():
-            raise UserError(f"clustering_quality needs labelled data: evaluators[clustering_quality].data "
-                            f"({self.config.data.get('root', self.config.data)}) has no class labels")
+        features, labels = context.labelled_features(backbone, self.config.data,
+                                                     "clustering_quality (evaluators[clustering_quality].data)")
         k = self.config.num_clusters or int(labels.max()) + 1
         kmeans = context.registry.build("clustering", {"name": "faiss_kmeans", "num_clusters": [k],
                                                        "seed": self.config.seed, "nredo": 5})

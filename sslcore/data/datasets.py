@@ -37,6 +37,11 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self._paths)
 
+    @property
+    def targets(self) -> np.ndarray:
+        """Every item's label (-1: unlabeled), without decoding the images."""
+        return self._labels
+
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         path = os.path.join(self.root, os.fsdecode(self._paths[index]))
         return load_image(path), int(self._labels[index])

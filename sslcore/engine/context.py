@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from sslcore.errors import UserError
 from sslcore.registry import Registry
 
 
@@ -48,16 +49,29 @@ class EvalContext:
     channels_last: bool = False
     autocast_dtype: torch.dtype | None = None
     run_dir: Path | None = None  # where evaluators write pictures (PNG)
+    # the augmentation's random crop and flip for training classifiers; None: they train on eval_transform
+    labelled_transform: Callable[[np.ndarray], torch.Tensor] | None = None
 
-    def dataset(self, block: dict[str, Any] | None = None) -> torch.utils.data.Dataset:
-        """The dataset of ``block`` (the training data when None), items ``(tensor, label)``."""
+    def dataset(self, block: dict[str, Any] | None = None, augmented: bool = False) -> torch.utils.data.Dataset:
+        """The dataset of ``block`` (the training data when None), items ``(tensor, label)``, through the eval
+        transform, or ``augmented`` through :attr:`labelled_transform` (a classifier's training set)."""
         from sslcore.data import EvalDataset
 
-        return EvalDataset(self.registry.build("dataset", block or self.train_data), self.eval_transform)
+        transform = (self.labelled_transform or self.eval_transform) if augmented else self.eval_transform
+        return EvalDataset(self.registry.build("dataset", block or self.train_data), transform)
 
     def classes(self, block: dict[str, Any] | None = None) -> list[str]:
         """The class names of ``block``'s dataset (the training data when None); empty when unlabeled."""
         return list(getattr(self.registry.build("dataset", block or self.train_data), "classes", []))
+
+    def targets(self, block: dict[str, Any] | None = None) -> torch.Tensor:
+        """Every item's label in ``block``'s dataset (-1: unlabeled), from its ``targets`` when it has them,
+        else by reading every item."""
+        dataset = self.registry.build("dataset", block or self.train_data)
+        targets = getattr(dataset, "targets", None)
+        if targets is None:
+            targets = [label for _, label in self.dataset(block)]
+        return torch.as_tensor(np.asarray(targets), dtype=torch.long)
 
     def loader(self, block: dict[str, Any] | None = None) -> DataLoader:
         """A sequential DataLoader over :meth:`dataset`, batches ``(images N x 3 x S x S, labels N)``."""
@@ -70,12 +84,29 @@ class EvalContext:
         """Backbone features (float32, on the CPU) and labels of every item of ``block``'s dataset."""
         features, labels = [], []
         for images, targets in self.loader(block):
-            images = images.to(self.device, non_blocking=True)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
-                out = backbone(images)
+            with self.autocast():
+                out = backbone(self.to_device(images))
             features.append(out.float().cpu())
             labels.append(targets)
         return torch.cat(features), torch.cat(labels)
+
+    def labelled_features(self, backbone: torch.nn.Module, block: dict[str, Any] | None, where: str
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`features`, raising a one-line error naming ``where`` (the config key) when ``block``'s
+        dataset has images without a class label."""
+        features, labels = self.features(backbone, block)
+        if (labels < 0).any():
+            source = block or self.train_data
+            raise UserError(f"{where} needs labelled data: {source.get('root', source)} has images without a "
+                            "class label; point it at a folder of class subfolders (image_folder, labeled: true)")
+        return features, labels
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch of images on the run's device, in its memory format."""
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def autocast(self) -> torch.autocast:
+        """The run's mixed precision, for evaluators that run the backbone themselves."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)

@@ -182,7 +182,8 @@ class Trainer:
         self.eval_context = EvalContext(
             registry=self.registry, eval_transform=augmentation.eval, train_data=self.cfg["data"],
             device=self.device, batch_size=max(self.batch_size, 256), num_workers=self.loader_workers,
-            channels_last=self.channels_last, autocast_dtype=self.autocast_dtype, run_dir=self.run_dir)
+            channels_last=self.channels_last, autocast_dtype=self.autocast_dtype, run_dir=self.run_dir,
+            labelled_transform=getattr(augmentation, "labelled", None))
         self.method_context = MethodContext(
             world_size=self.session.world_size, rank=self.session.rank,
             global_batch_size=self.train_cfg["batch_size"], steps_per_epoch=self.steps_per_epoch,
