@@ -14,5 +14,5 @@ plugins=()
 for dir in plugins/*/ examples/custom_loss_plugin/; do
   [ -f "$dir/pyproject.toml" ] && plugins+=(-e "$dir")
 done
-python -m pip install --quiet -e ".[test]" "${plugins[@]}"
+python -m pip install --quiet -e ".[test,umap]" "${plugins[@]}"
 python scripts/prepare_cifar10.py

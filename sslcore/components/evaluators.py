@@ -7,13 +7,16 @@
 - ``clustering_quality``: k-means (faiss) of the L2-normalised test features into as many clusters as
   classes, scored against the labels by adjusted mutual information, NMI and adjusted Rand index (the
   analysis of PCL, Li et al. 2021, Table 5).
-- ``embedding_plot``: a t-SNE map of test features coloured by class, as a PNG in the run folder.
+- ``embedding_plot``: 2-D maps of the test features coloured by class, as PNGs in the run folder: t-SNE
+  (scikit-learn) and UMAP (McInnes et al. 2018; umap-learn, the optional extra ``sslcore[umap]``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -138,51 +141,78 @@ class EmbeddingPlotConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    methods: list[Literal["tsne", "umap"]] = Field(["tsne"], min_length=1, description="Maps to draw, one PNG "
+                                                   "each; 'umap' needs umap-learn (pip install 'sslcore[umap]')")
     max_points: int = Field(2000, ge=10, description="Plot a fixed random subset of this many test images "
                                                      "(t-SNE is quadratic in the points)")
     perplexity: float = Field(30.0, gt=0, description="t-SNE perplexity")
-    seed: int = Field(0, description="Seed of the subset and of t-SNE")
+    n_neighbors: int = Field(15, ge=2, description="UMAP neighbourhood size")
+    min_dist: float = Field(0.1, ge=0, description="UMAP minimum distance between embedded points")
+    seed: int = Field(0, description="Seed of the subset, t-SNE and UMAP")
     every_epochs: int = Field(0, ge=0, description="Plot every this many epochs; 0: only at the end.")
     data: dict[str, Any] = Field(description="The test set, a dataset block (labelled: coloured by class).",
                                  json_schema_extra=DATASET_BLOCK)
 
 
 class EmbeddingPlotEvaluator:
-    """t-SNE (scikit-learn) of L2-normalised test features, coloured by class, written to
-    ``RUN_DIR/embedding_tsne_<epoch>.png``; returns t-SNE's final KL divergence (how well the map fits)."""
+    """t-SNE and/or UMAP of L2-normalised test features (cosine geometry), coloured by class, written to
+    ``RUN_DIR/embedding_<method>_<epoch>.png``; returns t-SNE's final KL divergence (how well the map fits)."""
 
     def __init__(self, config: EmbeddingPlotConfig) -> None:
         self.config = config
         self.every_epochs = config.every_epochs
 
     def evaluate(self, backbone: nn.Module, context: EvalContext) -> dict[str, float]:
-        from matplotlib.figure import Figure
-        from sklearn.manifold import TSNE
-
         if context.run_dir is None:
             raise UserError("embedding_plot writes a PNG into the run folder, and this evaluation has none")
         features, labels = context.features(backbone, self.config.data)
         generator = torch.Generator().manual_seed(self.config.seed)
         subset = torch.randperm(len(features), generator=generator)[:self.config.max_points]
         features, labels = F.normalize(features[subset], dim=1).numpy(), labels[subset].numpy()
+        epoch = "init" if context.epoch < 0 else f"epoch{context.epoch + 1:03d}"
+        classes = context.classes(self.config.data)
+        metrics = {}
+        for method in self.config.methods:
+            points, title = self._tsne(features, metrics) if method == "tsne" else self._umap(features)
+            self._plot(points, labels, classes, f"{title} of {len(features)} test features, {epoch}",
+                       context.run_dir / f"embedding_{method}_{epoch}.png")
+        return metrics
+
+    def _tsne(self, features: np.ndarray, metrics: dict[str, float]) -> tuple[np.ndarray, str]:
+        from sklearn.manifold import TSNE
+
         tsne = TSNE(n_components=2, perplexity=min(self.config.perplexity, (len(features) - 1) / 3),
                     init="pca", random_state=self.config.seed)
         points = tsne.fit_transform(features)
-        classes = context.classes(self.config.data)
+        metrics["tsne_kl_divergence"] = float(tsne.kl_divergence_)
+        return points, "t-SNE"
+
+    def _umap(self, features: np.ndarray) -> tuple[np.ndarray, str]:
+        try:
+            import umap
+        except ImportError:
+            raise UserError("embedding_plot: methods 'umap' needs umap-learn; pip install 'sslcore[umap]' or "
+                            "drop 'umap' from evaluators[embedding_plot].methods") from None
+        reducer = umap.UMAP(n_components=2, n_neighbors=min(self.config.n_neighbors, len(features) - 1),
+                            min_dist=self.config.min_dist, random_state=self.config.seed, n_jobs=1)
+        return reducer.fit_transform(features), "UMAP"
+
+    @staticmethod
+    def _plot(points: np.ndarray, labels: np.ndarray, classes: list[str], title: str, path: Path) -> None:
+        from matplotlib.figure import Figure
+
         figure = Figure(figsize=(7, 6), dpi=100)
         axes = figure.add_subplot()
         for label in sorted(set(labels.tolist())):
             chosen = labels == label
             name = classes[label] if 0 <= label < len(classes) else "unlabeled"
             axes.scatter(points[chosen, 0], points[chosen, 1], s=4, label=name)
-        epoch = "init" if context.epoch < 0 else f"epoch{context.epoch + 1:03d}"
-        axes.set_title(f"t-SNE of {len(features)} test features, {epoch}")
+        axes.set_title(title)
         axes.set_xticks([])
         axes.set_yticks([])
         axes.legend(markerscale=3, fontsize=7, loc="best")
         figure.tight_layout()
-        figure.savefig(context.run_dir / f"embedding_tsne_{epoch}.png")
-        return {"tsne_kl_divergence": float(tsne.kl_divergence_)}
+        figure.savefig(path)
 
 
 @hookimpl
