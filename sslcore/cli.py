@@ -1,4 +1,4 @@
-"""The ``sslcore`` command: run | validate | plugins | schema | export.
+"""The ``sslcore`` command: run | validate | plugins | schema | export | eval | report.
 
 User errors (a bad experiment file, an unknown component, unreadable data, a NaN loss) print one line each
 and exit with code 2, without a traceback.
@@ -52,6 +52,23 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", parents=[common], help="write a run's backbone as a state_dict")
     export.add_argument("run_dir", type=Path)
     export.add_argument("-o", "--output", type=Path, required=True)
+
+    evaluate = commands.add_parser("eval", parents=[common], help="run evaluators on a run or a backbone file")
+    evaluate.add_argument("target", type=Path, help="a run folder, or a backbone.pt / checkpoint file")
+    evaluate.add_argument("-e", "--evaluator", action="append", required=True, metavar="NAME", dest="evaluators",
+                          help="evaluator to run (repeatable), e.g. linear_probe, low_shot_svm, finetune")
+    evaluate.add_argument("--set", action="append", default=[], metavar="[NAME.]KEY=VALUE", dest="overrides",
+                          help="change an evaluator's parameter (repeatable), e.g. --set protocol=moco")
+    evaluate.add_argument("--config", type=Path, help="experiment YAML of a backbone file (encoder, transform, data)")
+    evaluate.add_argument("--random-init", action="store_true",
+                          help="evaluate the untrained encoder instead (the floor to compare against)")
+    evaluate.add_argument("-o", "--output", type=Path, help="folder for evaluations.json and plots "
+                                                            "(default: the run folder)")
+    evaluate.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
+
+    report = commands.add_parser("report", parents=[common], help="write RUN_DIR/report.md: config, curves, "
+                                                                  "evaluation tables and plots")
+    report.add_argument("run_dir", type=Path)
     return parser
 
 
@@ -168,8 +185,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sslcore.evaluate import evaluate_target
+
+    registry = _registry(args)
+    results = evaluate_target(args.target, args.evaluators, registry, args.overrides, config=args.config,
+                              random_init=args.random_init, output=args.output, device=args.device)
+    for key, metrics in results.items():
+        print(f"{key}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    print("sslcore: eval " + json.dumps(results))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sslcore.report import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "schema": cmd_schema,
-            "export": cmd_export}
+            "export": cmd_export, "eval": cmd_eval, "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())

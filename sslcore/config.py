@@ -382,6 +382,15 @@ def _validate_block(errors: _Errors, registry: Registry | None, kind: str, loc: 
     return out
 
 
+def resolve_block(registry: Registry, kind: str, block: dict[str, Any], source: str) -> Block:
+    """Validate one ``{name: ..., **params}`` block of ``kind`` on its own (an evaluator given on the command
+    line); raises :class:`ConfigError` naming ``source``."""
+    errors = _Errors(source, {})
+    validated = _validate_block(errors, registry, kind, (), block)
+    errors.raise_if_any()
+    return cast(Block, validated)
+
+
 def load_experiment(path: str | Path, registry: Registry, overrides: list[str] | None = None) -> Resolved:
     """Read, override and validate an experiment file; raises :class:`ConfigError` with every problem."""
     data, lines = load_yaml(path)

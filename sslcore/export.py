@@ -7,6 +7,9 @@ For the torchvision ResNets the file loads with no sslcore import::
     # with cifar_stem: true also
     model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); model.maxpool = torch.nn.Identity()
     model.load_state_dict(torch.load("backbone.pt", weights_only=True))
+
+Beside it goes the run's experiment (``backbone.yaml`` for ``backbone.pt``), from which ``sslcore eval``
+rebuilds the encoder and its eval transform.
 """
 
 from __future__ import annotations
@@ -35,4 +38,5 @@ def export_backbone(run_dir: Path, output: Path, registry: Registry) -> Path:
     method.load_state_dict(state["model"])
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save(method.backbone.state_dict(), output)
+    output.with_suffix(".yaml").write_text(config_file.read_text())
     return output

@@ -110,7 +110,7 @@ class LinearProbeConfig(BaseModel):
     data: dict[str, Any] = _test_data()
     train_data: dict[str, Any] | None = _train_data()
     seed: int = Field(0, description="Seed of the held-out split (fast) or of the shuffling (moco)")
-    weight_decays: list[float] = Field([0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2], min_length=1,
+    weight_decays: list[float] = Field([0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0], min_length=1,
                                        description="fast: the L2 penalties tried (on the mean cross-entropy)")
     validation_fraction: float = Field(0.2, gt=0, lt=1, description="fast: share of the training set held "
                                        "out to choose the penalty (unused with one penalty)")

@@ -1,0 +1,163 @@
+"""``sslcore eval``: run evaluators on a trained run, an exported backbone, or the same encoder untrained.
+
+``TARGET`` is a run folder (its ``config.yaml`` and latest checkpoint) or a weights file: a backbone
+``state_dict`` written by ``sslcore export`` or at the end of training (``backbone.pt``), or a checkpoint
+(``state.pt``). A weights file takes its experiment from ``--config``, else from the ``.yaml`` that
+``sslcore export`` writes beside it, else from the ``config.yaml`` of the folder it lies in. The experiment
+gives the encoder, the eval transform (its augmentation block), the training data and the precision.
+
+Each evaluator starts from the run's own block of that name, if the run had one, else from its defaults
+with the ``data`` of the run's first evaluator (its test set); ``--set key=value`` changes it (with several
+evaluators, ``--set NAME.key=value`` changes one). Results are printed and kept in ``evaluations.json`` of
+the output folder (the run folder by default), where ``sslcore report`` finds them; ``--random-init``
+evaluates the encoder as built from the experiment's seed, untrained, and keeps it as ``NAME@random_init``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sslcore.config import apply_overrides, resolve, resolve_block
+from sslcore.engine.context import EvalContext
+from sslcore.engine.launch import CONFIG_FILE, checkpoints, dry_build
+from sslcore.engine.loop import AUTOCAST_DTYPES, resolve_precision, seed_everything
+from sslcore.errors import UserError
+from sslcore.registry import Registry
+
+RESULTS_FILE = "evaluations.json"
+RANDOM_INIT = "random_init"
+logger = logging.getLogger(__name__)
+
+
+def _config_and_weights(target: Path, config: Path | None) -> tuple[Path, Path | None]:
+    """The experiment file and weights file of ``target`` (weights None: a run without checkpoints)."""
+    if config is not None and not config.is_file():
+        raise UserError(f"sslcore eval --config {config}: no such file")
+    if target.is_dir():
+        found = checkpoints(target)
+        weights = found[-1] if found else (target / "backbone.pt" if (target / "backbone.pt").is_file() else None)
+        candidates = [config, target / CONFIG_FILE]
+    elif target.is_file():
+        weights = target
+        candidates = [config, target.with_suffix(".yaml"), target.parent / CONFIG_FILE,
+                      target.parent.parent / CONFIG_FILE]  # a checkpoint_*/state.pt
+    else:
+        raise UserError(f"sslcore eval {target}: no such run folder or weights file")
+    for candidate in candidates:
+        if candidate is not None and candidate.is_file():
+            return candidate, weights
+    raise UserError(f"sslcore eval {target}: no experiment found (looked for "
+                    f"{', '.join(str(c) for c in candidates if c is not None)}); pass --config EXPERIMENT.yaml")
+
+
+def _load_weights(backbone: torch.nn.Module, method: torch.nn.Module, weights: Path) -> int:
+    """Load ``weights`` into the method (a checkpoint) or the backbone (a state_dict); returns the epoch
+    trained (-1 when the file does not say)."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise UserError(f"{weights} cannot be read as torch weights ({type(exc).__name__}: {str(exc)[:200]})"
+                        ) from None
+    if not isinstance(state, dict):
+        raise UserError(f"{weights}: expected a state_dict or an sslcore checkpoint, got {type(state).__name__}")
+    try:
+        if "model" in state and isinstance(state["model"], dict):
+            method.load_state_dict(state["model"])
+            return int(state.get("epoch", -1))
+        backbone.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise UserError(f"{weights} does not fit the experiment's encoder: {' '.join(first[:2])[:300]}; "
+                        "pass the --config it was trained with") from None
+    return -1
+
+
+def _evaluator_blocks(run_blocks: list[dict[str, Any]], names: list[str], overrides: list[str],
+                      registry: Registry) -> list[dict[str, Any]]:
+    test_data = next((b["data"] for b in run_blocks if isinstance(b.get("data"), dict)), None)
+    blocks = []
+    for name in names:
+        block = copy.deepcopy(next((b for b in run_blocks if b["name"] == name), {"name": name}))
+        if name in registry.components["evaluator"]:
+            fields = registry.get("evaluator", name).config.model_fields
+            if "data" in fields and "data" not in block and test_data is not None:
+                block["data"] = copy.deepcopy(test_data)
+        params = {k: v for k, v in block.items() if k != "name"}
+        apply_overrides(params, [_override_for(o, name, names) for o in overrides
+                                 if _override_for(o, name, names) is not None], {})
+        blocks.append(resolve_block(registry, "evaluator", {"name": name, **params},
+                                    source=f"sslcore eval --evaluator {name}"))
+    return blocks
+
+
+def _override_for(override: str, name: str, names: list[str]) -> str | None:
+    """``override`` as it applies to evaluator ``name``: ``NAME.key=v`` is ``key=v`` for NAME and nothing
+    for the others; ``key=v`` applies to every evaluator."""
+    first, dot, rest = override.partition(".")
+    if dot and first in names and "=" not in first:
+        return rest if first == name else None
+    return override
+
+
+def evaluate_target(target: Path, names: list[str], registry: Registry, overrides: list[str] | None = None,
+                    config: Path | None = None, random_init: bool = False, output: Path | None = None,
+                    device: str | None = None) -> dict[str, dict[str, float]]:
+    """Run the evaluators ``names`` on ``target``; returns ``{key: metrics}`` (key ``NAME`` or
+    ``NAME@random_init``) and merges the same into ``output/evaluations.json``."""
+    config_file, weights = _config_and_weights(target, config)
+    resolved = resolve(yaml.safe_load(config_file.read_text()), registry, source=str(config_file))
+    if weights is None and not random_init:
+        raise UserError(f"{target}: no checkpoint or backbone.pt yet; train at least checkpoint.every_epochs "
+                        "epochs, or pass --random-init")
+    blocks = _evaluator_blocks(resolved.evaluators, names, overrides or [], registry)
+    experiment = resolved.as_dict()
+    seed_everything(experiment["seed"])
+    method = dry_build(resolved, registry)
+    backbone = method.backbone
+    epoch = -1 if random_init else _load_weights(backbone, method, weights)
+    run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train = experiment["train"]
+    channels_last = train["channels_last"]
+    backbone = backbone.to(run_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    backbone.eval()
+    augmentation = registry.build("augmentation", experiment["augmentation"])
+    loader_workers = train["loader_workers"]
+    out_dir = output or (target if target.is_dir() else target.parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    context = EvalContext(
+        registry=registry, eval_transform=augmentation.eval, train_data=experiment["data"], device=run_device,
+        batch_size=256, num_workers=loader_workers if loader_workers is not None else (4 if run_device.type == "cuda"
+                                                                                        else 0),
+        epoch=epoch, channels_last=channels_last,
+        autocast_dtype=AUTOCAST_DTYPES[resolve_precision(train["precision"], run_device)], run_dir=out_dir,
+        labelled_transform=getattr(augmentation, "labelled", None))
+    weights_name = RANDOM_INIT if random_init else str(weights)
+    results: dict[str, dict[str, float]] = {}
+    for block in blocks:
+        evaluator = registry.build("evaluator", block)
+        started = time.perf_counter()
+        metrics = evaluator.evaluate(backbone, context)
+        key = f"{block['name']}@{RANDOM_INIT}" if random_init else block["name"]
+        results[key] = metrics
+        _record(out_dir / RESULTS_FILE, key, {"evaluator": block, "weights": weights_name, "epoch": epoch,
+                                               "seconds": round(time.perf_counter() - started, 1),
+                                               "metrics": metrics})
+    return results
+
+
+def _record(path: Path, key: str, entry: dict[str, Any]) -> None:
+    """Merge one evaluation into ``path`` (written whole each time, so a stopped run keeps earlier ones)."""
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded[key] = {**entry, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(recorded, indent=2))
+    temporary.replace(path)
