@@ -110,8 +110,12 @@ def register_evaluators(register: Register) -> None:
 
     ``factory(config) -> evaluator`` with ``every_epochs: int`` (0: only at the end of training) and
     ``evaluate(backbone: torch.nn.Module, context: sslcore.engine.EvalContext) -> dict[str, float]``.
-    Evaluators run on rank 0 between epochs with the backbone in eval mode; the context builds datasets
-    with the run's eval transform and knows the device, batch size and DataLoader workers. A parameter
+    Evaluators run on rank 0 between epochs with the backbone in eval mode, and afterwards through
+    ``sslcore eval``; an evaluator must leave the backbone as it found it (fine-tune a copy). The context
+    builds datasets with the run's eval transform (``dataset``, ``features``, ``labelled_features``,
+    ``targets``) or its random crop and flip (``dataset(block, augmented=True)``) and knows the device,
+    precision (``autocast()``, ``to_device(images)``), batch size and DataLoader workers. Metrics are
+    floats; pictures go to ``context.run_dir``. A parameter
     that is itself a dataset block (``knn``'s ``data``) is declared with
     ``Field(json_schema_extra={"sslcore_kind": "dataset"})`` and validated like the ``data`` block.
     """
