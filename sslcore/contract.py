@@ -62,16 +62,17 @@ def _check_encoder(registry: Registry, name: str, build: Callable[..., Any], tmp
 
 
 def _check_negative_source(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
-    source = build({}, dim=8, global_batch_size=4)
+    source = build({}, dim=8, global_batch_size=4, dataset_size=16)
     q = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
     k = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
-    negatives, exclude = source.negatives(q, k)
+    index = torch.tensor([3, 0, 9, 15])  # the images' dataset indices
+    negatives, exclude = source.negatives(q, k, index)
     if negatives.ndim != 2 or negatives.shape[1] != 8:
         raise AssertionError(f"{name}: negatives must be K x D, got {tuple(negatives.shape)}")
     if exclude is not None and exclude.shape != (4, negatives.shape[0]):
         raise AssertionError(f"{name}: exclude must be N x K, got {tuple(exclude.shape)}")
-    source.update(k)
-    clone = build({}, dim=8, global_batch_size=4)
+    source.update(k, index)
+    clone = build({}, dim=8, global_batch_size=4, dataset_size=16)
     clone.load_state_dict(source.state_dict())
 
 
@@ -124,7 +125,7 @@ def _check_dataset(registry: Registry, name: str, build: Callable[..., Any], tmp
 
 
 def _check_evaluator(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
-    root = _image_folder(tmp / "eval_images")
+    root = _image_folder(tmp / "eval_images", per_class=16)  # low_shot_svm's default k goes up to 16
     block = {"name": "image_folder", "root": str(root)}
     evaluator = build({"data": block})
     aug = registry.get("augmentation", "moco_v2").build({"size": 32})
@@ -165,11 +166,13 @@ def _check_method(registry: Registry, name: str, build: Callable[..., Any], tmp:
     if encoder is not None and "image_size" in encoder:  # an encoder built for one image size (a ViT): 32 px here
         encoder["image_size"] = 32
     context = MethodContext(world_size=1, rank=0, global_batch_size=batch, steps_per_epoch=2, epochs=1,
-                            device=torch.device("cpu"), registry=registry)
+                            device=torch.device("cpu"), registry=registry, dataset_size=batch)
     method = build_method(experiment, registry, context)
     aug = registry.build("augmentation", {**experiment.get("augmentation", {"name": "moco_v2"}), "size": 32})
     views = [torch.stack(v) for v in zip(*(aug.views(_image(i)) for i in range(batch)))]
-    out = method(views)
+    # as sslcore's loop: the images' dataset indices for a forward that takes them
+    takes_index = "index" in inspect.signature(method.forward).parameters
+    out = method(views, index=torch.arange(batch)) if takes_index else method(views)
     loss = out["loss"]
     if loss.ndim != 0 or not torch.isfinite(loss):
         raise AssertionError(f"{name}: forward() must return a finite scalar 'loss', got {loss}")

@@ -61,18 +61,25 @@ def register_encoders(register: Register) -> None:
 def register_negative_sources(register: Register) -> None:
     """Register sources of negatives for contrastive losses (the ``negatives`` block).
 
-    ``factory(config, *, dim: int, global_batch_size: int) -> torch.nn.Module`` with the following; ``dim``
-    is the ``dim`` parameter of the method (the size of the embeddings the loss compares, default 128):
+    ``factory(config, *, dim: int, global_batch_size: int, dataset_size: int) -> torch.nn.Module`` with the
+    following; ``dim`` is the ``dim`` parameter of the method (the size of the embeddings the loss compares,
+    default 128) and ``dataset_size`` the number of training images, for per-image state such as a memory bank
+    (0 where it is not known: the method built on the driver to validate a config or to export a checkpoint).
+    A source without per-image state accepts ``dataset_size`` and ignores it.
 
-    - ``negatives(q: N x D, k: N x D) -> (negatives: K x D, exclude: N x K bool | None)`` — the negatives
-      for this step; ``exclude[i, j]`` is True where negative ``j`` must not count for query ``i``
-      (its own positive, for in-batch negatives);
-    - ``update(k: N x D) -> None`` — called after the loss with this worker's keys (detached); the source
-      gathers them across workers itself (``sslcore.distributed``) so every worker holds the same state.
+    - ``negatives(q: N x D, k: N x D, index: N long | None = None) -> (negatives: K x D, exclude: N x K bool |
+      None)`` — the negatives for this step; ``exclude[i, j]`` is True where negative ``j`` must not count for
+      query ``i`` (its own positive, for in-batch negatives; its own image, for a memory bank);
+    - ``update(k: N x D, index: N long | None = None) -> None`` — called after the loss with this worker's keys
+      (detached); the source gathers them across workers itself (``sslcore.distributed``) so every worker holds
+      the same state.
 
-    State that must survive a resume (a queue, a memory bank) lives in buffers, so it is checkpointed
-    with the method. Raise ``ValueError`` from the factory for a configuration that cannot work with this
-    batch size; sslcore reports it as a config error on the ``negatives`` block.
+    ``index`` holds the dataset indices of the batch's images (row i of ``q`` and ``k`` is image ``index[i]``),
+    passed by methods whose ``forward`` takes ``index`` (MoCo, PCL); a source that needs it raises
+    ``sslcore.errors.TrainingError`` when it is None. State that must survive a resume (a queue, a memory bank)
+    lives in buffers, so it is checkpointed with the method. Raise ``ValueError`` from the factory for a
+    configuration that cannot work with this batch size; sslcore reports it as a config error on the
+    ``negatives`` block.
     """
 
 

@@ -96,15 +96,17 @@ def test_nothing_selected_gives_zero_and_a_gradient() -> None:
     assert q.grad is not None
 
 
-@pytest.mark.parametrize("source", [{"name": "in_batch"}, {"name": "queue", "size": 16}])
+@pytest.mark.parametrize("source", [{"name": "in_batch"}, {"name": "queue", "size": 16},
+                                    {"name": "memory_bank", "num_negatives": 16}])
 @pytest.mark.parametrize("loss", ["contrastive_margin", "triplet"])
 def test_metric_losses_take_negatives_from_any_source(source: dict, loss: str, registry: Registry) -> None:
-    negatives_source = registry.build("negative_source", source, dim=4, global_batch_size=8)
+    negatives_source = registry.build("negative_source", source, dim=4, global_batch_size=8, dataset_size=32)
     loss_fn = registry.build("loss", {"name": loss, "mining": "all"})
     q = F.normalize(torch.randn(8, 4), dim=1).requires_grad_()
     k = F.normalize(torch.randn(8, 4), dim=1)
-    negatives, exclude = negatives_source.negatives(q, k)
+    index = torch.arange(8)  # the images' dataset indices
+    negatives, exclude = negatives_source.negatives(q, k, index)
     value = loss_fn(q, k, negatives, exclude)
     value.backward()
     assert torch.isfinite(value) and q.grad is not None and q.grad.abs().sum() > 0
-    negatives_source.update(k)
+    negatives_source.update(k, index)

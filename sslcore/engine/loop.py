@@ -88,7 +88,8 @@ def build_method(experiment: dict[str, Any], registry: Registry, context: Method
         block = experiment[slot]
         kwargs: dict[str, Any] = {}
         if SLOT_KINDS[slot] == "negative_source":
-            kwargs = {"dim": experiment["method"].get("dim", 128), "global_batch_size": context.global_batch_size}
+            kwargs = {"dim": experiment["method"].get("dim", 128), "global_batch_size": context.global_batch_size,
+                      "dataset_size": context.dataset_size}
         built[slot] = _build(registry, SLOT_KINDS[slot], slot, block, **kwargs)
     return _build(registry, "method", "method", method_block, context=context, **built)
 

@@ -3,6 +3,7 @@ gloo group for the cross-worker shuffling BN."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sslcore.components.encoders import plain_torchvision_resnet
 from sslcore.engine.context import MethodContext
+from sslcore.errors import TrainingError
 from sslcore.registry import Registry
 
 BATCH = 16  # per worker
@@ -23,13 +25,14 @@ SIZE = 16  # px
 
 
 def build_moco(registry: Registry, *, world_size: int = 1, rank: int = 0, batch: int = BATCH,
-               queue: int = 64, loss: dict | None = None, negatives: dict | None = None, **method) -> MoCo:
+               queue: int = 64, loss: dict | None = None, negatives: dict | None = None, dataset_size: int = 64,
+               **method) -> MoCo:
     config = MoCoConfig(dim=16, head_hidden_dim=32, **method)
     context = MethodContext(world_size=world_size, rank=rank, global_batch_size=batch * world_size,
-                            steps_per_epoch=1, epochs=1, device=torch.device("cpu"))
+                            steps_per_epoch=1, epochs=1, device=torch.device("cpu"), dataset_size=dataset_size)
     encoder = registry.get("encoder", "resnet18").build({"cifar_stem": True})
     source = registry.build("negative_source", negatives or {"name": "queue", "size": queue}, dim=config.dim,
-                            global_batch_size=context.global_batch_size)
+                            global_batch_size=context.global_batch_size, dataset_size=context.dataset_size)
     loss_fn = registry.build("loss", loss or {"name": "info_nce", "temperature": 0.2})
     return MoCo(config, context=context, encoder=encoder, negatives=source, loss=loss_fn)
 
@@ -90,6 +93,68 @@ def test_the_key_encoder_is_updated_before_it_encodes_the_keys(registry: Registr
     model.key_head.register_forward_hook(lambda module, args, out: seen.append(module[0].weight.clone()))
     model([images(seed=1), images(seed=2)])
     assert torch.equal(seen[0], model.head[0].weight)
+
+
+def test_momentum_zero_encodes_keys_with_this_steps_query_encoder(registry: Registry) -> None:
+    """The end-to-end mechanism: after an optimizer step, the next keys come from the updated f_q."""
+    torch.manual_seed(0)
+    model = build_moco(registry, momentum=0.0, shuffle_bn="off", negatives={"name": "in_batch"}).train()
+    optimizer = torch.optim.SGD(query_parameters(model), lr=0.5)
+    keys: list[torch.Tensor] = []
+    model.key_head.register_forward_hook(lambda module, args, out: keys.append(out))
+    for step in range(2):
+        im_q, im_k = images(seed=2 * step), images(seed=2 * step + 1)
+        theta_q = [p.clone() for p in query_parameters(model)]
+        query_encoder = copy.deepcopy(nn.Sequential(model.backbone, model.head))  # f_q as this step starts
+
+        model([im_q, im_k])["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+        assert all(torch.equal(p_k, p_q) for p_k, p_q in zip(key_parameters(model), theta_q))
+        with torch.no_grad():
+            torch.testing.assert_close(keys[step], query_encoder(im_k), rtol=0, atol=0)
+    assert not all(torch.equal(p, q) for p, q in zip(query_parameters(model), theta_q)), "f_q did not move"
+
+
+def test_memory_bank_negatives_train_moco(registry: Registry) -> None:
+    torch.manual_seed(0)
+    model = build_moco(registry, momentum=0.0, negatives={"name": "memory_bank", "num_negatives": 32}).train()
+    optimizer = torch.optim.SGD(query_parameters(model), lr=0.1)
+    bank = model.negative_source.bank
+    initial = bank.clone()
+    for step in range(2):
+        index = torch.arange(BATCH) + BATCH * step  # images 0-15, then 16-31 of 64
+        out = model([images(seed=2 * step), images(seed=2 * step + 1)], index=index)
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"])
+        assert all(p.grad is not None for p in query_parameters(model))
+        optimizer.step()
+        optimizer.zero_grad()
+    assert int(model.negative_source.step) == 2
+    assert not (bank[:2 * BATCH] == initial[:2 * BATCH]).all(dim=1).any(), "an image's entry was not written"
+    assert torch.equal(bank[2 * BATCH:], initial[2 * BATCH:])
+    torch.testing.assert_close(bank.norm(dim=1), torch.ones(64))
+    with pytest.raises(TrainingError, match="memory_bank needs the dataset index"):
+        model([images(seed=1), images(seed=2)])
+
+
+@pytest.mark.parametrize("negatives", ["{name: in_batch}", "{name: queue, size: 4096}",
+                                       "{name: memory_bank, num_negatives: 4096, momentum: 0.5}"])
+def test_a_moco_experiment_validates_with_each_negative_source(negatives: str, tmp_path: Path,
+                                                               cifar10_subset: dict) -> None:
+    from sslcore.testing import run_cli
+
+    (tmp_path / "experiment.yaml").write_text(f"""
+method: {{name: moco, momentum: 0}}
+encoder: {{name: resnet18, cifar_stem: true}}
+negatives: {negatives}
+data: {{name: image_folder, root: {cifar10_subset["train"]}}}
+train: {{batch_size: 256}}
+""")
+    out = run_cli("validate", "experiment.yaml", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"negatives={negatives.split()[1].rstrip(',}')}" in out.stdout
 
 
 def test_split_batchnorm_normalizes_each_group_with_its_own_statistics() -> None:

@@ -11,6 +11,11 @@ so the keys in the queue of K negatives (the ``negatives`` slot) stay consistent
 loss (the ``loss`` slot: InfoNCE with temperature tau) contrasts q with its k and the negatives. v2 swaps
 the linear head for an MLP (``mlp``) and uses stronger augmentation and tau = 0.2.
 
+The paper's other two mechanisms (its Fig. 2 and 3) are the same module with another ``negatives`` block:
+end-to-end is ``negatives: {name: in_batch}`` with ``momentum: 0`` (f_k is f_q at every step, as the update
+runs before the keys are encoded), the memory bank of Wu et al. (2018) is ``negatives: {name: memory_bank}``
+(with ``momentum: 0``, one encoder as there) and gets each image's dataset index through ``forward``.
+
 Shuffling BN. BatchNorm statistics carry information between the samples of a batch. If a query and its
 key are normalized with statistics of the same images, the model can find the positive through that leak
 instead of learning good features (the "cheating" of the paper). So the key batch is shuffled before f_k,
@@ -46,8 +51,12 @@ class MoCoConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    momentum: float = Field(0.999, ge=0.0, lt=1.0,
-                            description="m in theta_k <- m theta_k + (1 - m) theta_q (key encoder update)")
+    momentum: float = Field(
+        0.999, ge=0.0, lt=1.0,
+        description="m in theta_k <- m theta_k + (1 - m) theta_q (key encoder update). The update runs before "
+                    "f_k encodes the keys (official moco/builder.py), so m = 0 encodes them with this step's "
+                    "query encoder: the paper's end-to-end mechanism (with negatives: in_batch), without gradient "
+                    "through the keys, and the single encoder of its memory-bank mechanism")
     head_hidden_dim: int = Field(2048, ge=1, description="hidden width of the MLP head (unused when mlp=false)")
     dim: int = Field(128, ge=1, description="D: dimension of the embeddings q and k (and of the negatives)")
     mlp: bool = Field(True, description="v2 head Linear-ReLU-Linear; false: the v1 linear head")
@@ -185,11 +194,13 @@ class MoCo(nn.Module):
         self.negative_source = negatives
         self.loss = loss
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``index``: the N images' dataset indices (given by sslcore's loop), for a negative source with an entry
+        per image (``memory_bank``)."""
         q, k = self.queries_and_keys(views)
-        negatives, exclude = self.negative_source.negatives(q, k)  # negatives: K x D, exclude: N x K or None
+        negatives, exclude = self.negative_source.negatives(q, k, index)  # negatives: K x D, exclude: N x K or None
         loss = self.loss(q, k, negatives, exclude)
-        self.negative_source.update(k)
+        self.negative_source.update(k, index)
         return {"loss": loss}
 
     def queries_and_keys(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

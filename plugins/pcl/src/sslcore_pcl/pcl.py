@@ -174,9 +174,10 @@ class PCL(MoCo):
         return getattr(self, f"prototypes_{m}"), getattr(self, f"phi_{m}")
 
     def forward(self, views: list[torch.Tensor], index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``index``: the N images' dataset indices, to look up their prototypes (given by sslcore's loop)."""
+        """``index``: the N images' dataset indices, to look up their prototypes and for a negative source with an
+        entry per image (given by sslcore's loop)."""
         q, k = self.queries_and_keys(views)
-        negatives, exclude = self.negative_source.negatives(q, k)
+        negatives, exclude = self.negative_source.negatives(q, k, index)
         out: dict[str, torch.Tensor] = {}
         proto_logits = []
         if self._use_prototypes and index is not None:
@@ -186,7 +187,7 @@ class PCL(MoCo):
             for kk, logits in zip(self.num_clusters, proto_logits):
                 out[f"acc_proto_{kk}"] = (logits.argmax(dim=1) == 0).float().mean().detach()  # Acc@Proto
         out["loss"] = self.loss(q, k, negatives, exclude, prototype_logits=proto_logits)
-        self.negative_source.update(k)
+        self.negative_source.update(k, index)
         return out
 
     # -- E-step -------------------------------------------------------------------------------------------
