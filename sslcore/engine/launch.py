@@ -36,12 +36,18 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def dry_build(resolved: Resolved, registry: Registry) -> torch.nn.Module:
-    """Build the method once on the driver, so a component that rejects its settings fails before Ray starts."""
+    """Build the method once on the driver, so a component that rejects its settings fails before Ray starts
+    (and to load a checkpoint into: ``sslcore export``, ``sslcore eval``). Per-sample state (PCL's cluster
+    assignments) is sized by the training data when it is readable here, else left empty."""
     experiment = resolved.as_dict()
+    try:
+        dataset_size = len(registry.build("dataset", resolved.blocks["data"]))
+    except UserError:
+        dataset_size = 0
     context = MethodContext(world_size=resolved.experiment.scaling.num_workers, rank=0,
                             global_batch_size=resolved.experiment.train.batch_size, steps_per_epoch=1,
                             epochs=resolved.experiment.train.epochs, device=torch.device("cpu"),
-                            registry=registry)
+                            registry=registry, dataset_size=dataset_size)
     try:
         return build_method(experiment, registry, context)
     except ConfigError as exc:

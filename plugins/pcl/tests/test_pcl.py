@@ -269,3 +269,9 @@ def test_quick_example_runs_as_written(tmp_path: Path, cifar10_dir: Path) -> Non
     assert {"knn_top1", "ami", "nmi", "ari", "tsne_kl_divergence"} <= set(summary["final"])
     assert [r["epoch"] for r in records(run_dir) if r["subset"] == "epoch_start"] == [1, 2, 3]
     assert (run_dir / "prototypes_epoch004.png").is_file() and (run_dir / "embedding_tsne_epoch004.png").is_file()
+    # the run's backbone can be exported and evaluated: the driver sizes PCL's per-image state from the data
+    out = run("export", str(run_dir), "-o", str(tmp_path / "pcl_backbone.pt"), cwd=tmp_path, autoload=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = run("eval", str(run_dir), "-e", "knn", "--set", "k=10", cwd=tmp_path, autoload=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "knn: knn_top1=" in out.stdout
