@@ -71,6 +71,9 @@ def _check_negative_source(registry: Registry, name: str, build: Callable[..., A
         raise AssertionError(f"{name}: negatives must be K x D, got {tuple(negatives.shape)}")
     if exclude is not None and exclude.shape != (4, negatives.shape[0]):
         raise AssertionError(f"{name}: exclude must be N x K, got {tuple(exclude.shape)}")
+    positive = getattr(source, "positive", None)
+    if positive is not None and positive(k, index).shape != k.shape:
+        raise AssertionError(f"{name}: positive(k, index) must be N x D like k")
     source.update(k, index)
     clone = build({}, dim=8, global_batch_size=4, dataset_size=16)
     clone.load_state_dict(source.state_dict())

@@ -72,7 +72,10 @@ def register_negative_sources(register: Register) -> None:
       query ``i`` (its own positive, for in-batch negatives; its own image, for a memory bank);
     - ``update(k: N x D, index: N long | None = None) -> None`` — called after the loss with this worker's keys
       (detached); the source gathers them across workers itself (``sslcore.distributed``) so every worker holds
-      the same state.
+      the same state;
+    - optional ``positive(k: N x D, index: N long | None = None) -> N x D`` — the positive key each query is
+      contrasted with, where the source keeps it (a memory bank: each image's own entry, as InstDisc);
+      methods use ``k`` itself when a source has no ``positive``.
 
     ``index`` holds the dataset indices of the batch's images (row i of ``q`` and ``k`` is image ``index[i]``),
     passed by methods whose ``forward`` takes ``index`` (MoCo, PCL); a source that needs it raises

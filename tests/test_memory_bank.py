@@ -105,6 +105,47 @@ def test_negatives_are_a_copy_that_update_does_not_change() -> None:
     assert torch.equal(negatives, before) and not negatives.requires_grad
 
 
+def test_the_positive_is_the_images_own_entry_as_in_instdisc() -> None:
+    source = make_bank()
+    source.update(unit(16, seed=3), torch.arange(16))
+    k, index = unit(3, seed=4), torch.tensor([5, 0, 5])
+    positive = source.positive(k, index)
+    assert torch.equal(positive, source.bank[[5, 0, 5]])
+    source.update(unit(3, seed=5), index)
+    assert not torch.equal(positive, source.bank[[5, 0, 5]])  # a copy, as backward() needs it after update()
+    assert make_bank(positive="key").positive(k, index) is k  # the key of the method's other view
+
+
+def test_moco_contrasts_each_query_with_its_bank_entry(registry) -> None:
+    """MoCo's loss with a memory bank is InfoNCE of q against v_index (positive) and the drawn entries, written
+    out here: -log exp(q.v_i / t) / (exp(q.v_i / t) + sum over drawn j != i of exp(q.v_j / t))."""
+    from sslcore.engine.context import MethodContext
+    from sslcore.testing import tiny_encoder
+
+    pytest.importorskip("sslcore_moco")
+    from sslcore_moco import MoCo, MoCoConfig
+
+    torch.manual_seed(0)
+    context = MethodContext(world_size=1, rank=0, global_batch_size=4, steps_per_epoch=1, epochs=1,
+                            device=torch.device("cpu"), dataset_size=16)
+    bank = MemoryBankNegatives(MemoryBankConfig(num_negatives=32), dim=8, global_batch_size=4, dataset_size=16)
+    loss = registry.build("loss", {"name": "info_nce", "temperature": 0.2})
+    moco = MoCo(MoCoConfig(momentum=0.0, dim=8, head_hidden_dim=16, shuffle_bn="off"), context=context,
+                encoder=tiny_encoder(), negatives=bank, loss=loss)
+    index = torch.tensor([2, 7, 11, 2])
+    entries, ids = bank.bank.clone(), bank.draw()
+    views = [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)]
+    with torch.no_grad():
+        q = F.normalize(moco.head(moco.backbone(views[0])), dim=1)
+    expected = []
+    for i, image in enumerate(index.tolist()):
+        positive = torch.exp(q[i] @ entries[image] / 0.2)
+        negatives = sum(torch.exp(q[i] @ entries[j] / 0.2) for j in ids.tolist() if j != image)
+        expected.append(-torch.log(positive / (positive + negatives)))
+    out = moco(views, index)
+    torch.testing.assert_close(out["loss"].detach(), torch.stack(expected).mean(), rtol=1e-4, atol=1e-5)
+
+
 def test_the_dataset_index_is_required() -> None:
     source = make_bank()
     with pytest.raises(TrainingError, match=r"memory_bank needs the dataset index .* use negatives: \{name: queue\}"):

@@ -8,7 +8,7 @@ For a query ``q`` (N x D) and its positive key ``k`` (N x D), a source gives the
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +111,11 @@ class MemoryBankConfig(BaseModel):
                                                              "share of its old entry a sample keeps (InstDisc: 0.5)")
     seed: int = Field(0, ge=0, lt=2**31, description="seeds the initial bank and the draws of negatives, the same "
                                                      "on every worker")
+    positive: Literal["bank", "key"] = Field(
+        "bank", description="the positive of each query: 'bank', the image's own entry v_i (InstDisc; the MoCo "
+                            "paper's Fig. 2b, keys and positive alike from the bank); 'key', the key k of the "
+                            "method's other view, fresher than the negatives (a shortcut: the query can tell "
+                            "the positive by its freshness)")
 
 
 class MemoryBankNegatives(nn.Module):
@@ -119,16 +124,18 @@ class MemoryBankNegatives(nn.Module):
     ``bank`` (N x D float32, N the training images) holds one L2-normalised entry v_i per image i, initialised
     with random unit vectors. Each step draws K image ids uniformly with replacement; every query of the global
     batch contrasts against those K entries, and ``exclude`` marks the draws that are the query's own image, so
-    an image is never its own negative. After the loss the keys of all workers go to their images' entries with
-    InstDisc's proximal update (official lemniscate.pytorch, ``NCEAverage``'s backward)::
+    an image is never its own negative. The positive of query i is its image's entry v_i (``positive``), as in
+    InstDisc, so positive and negatives are equally stale. After the loss the keys of all workers go to their
+    images' entries with InstDisc's proximal update (official lemniscate.pytorch, ``NCEAverage``'s backward)::
 
         v_i <- (m v_i + (1 - m) k_i) / ||m v_i + (1 - m) k_i||
 
     Every worker applies it to the same gathered keys, so the banks are replicated (N x D x 4 bytes each). Draw t
     comes from a generator seeded with (seed, t), with t the ``step`` buffer: every worker draws the same ids
     without communicating, and a resumed run draws as an uninterrupted one. Against InstDisc's code: it draws K
-    ids per query (one shared draw keeps this contract's K x D negatives and one matrix product), its positive is
-    the image's own entry v_i where here it is the key k, and its initial entries are uniform with E||v||^2 = 1.
+    ids per query (one shared draw keeps this contract's K x D negatives and one matrix product), it writes the
+    query's own features into the bank where here the key k of the other view goes (with the MoCo method's
+    ``momentum: 0``, the same encoder), and its initial entries are uniform with E||v||^2 = 1.
     """
 
     bank: torch.Tensor
@@ -137,6 +144,7 @@ class MemoryBankNegatives(nn.Module):
     def __init__(self, config: MemoryBankConfig, *, dim: int, global_batch_size: int, dataset_size: int = 0) -> None:
         super().__init__()
         self.num_negatives, self.m, self.seed = config.num_negatives, config.momentum, config.seed
+        self.positive_from_bank = config.positive == "bank"
         # dataset_size 0: not known where the method is built (the driver's dry build for validate and export);
         # such a bank takes its size from the checkpoint it loads and cannot train
         generator = torch.Generator().manual_seed(config.seed)
@@ -161,6 +169,13 @@ class MemoryBankNegatives(nn.Module):
         # bank[ids] is a copy: update() writes the bank before backward() needs these values
         exclude = index.to(ids.device)[:, None] == ids[None, :]  # N x K: the draws of the query's own image
         return self.bank[ids], exclude  # K x D, N x K
+
+    def positive(self, k: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Query i's positive: its image's entry v_i (a copy, N x D), or ``k`` itself with ``positive: key``."""
+        if not self.positive_from_bank:
+            return k
+        self._check(index)
+        return self.bank[index.to(self.bank.device)].to(k.dtype)
 
     @torch.no_grad()
     def update(self, k: torch.Tensor, index: torch.Tensor | None = None) -> None:
@@ -190,6 +205,13 @@ class MemoryBankNegatives(nn.Module):
         if stored is not None and self.bank.shape[0] == 0:  # built without the dataset size: take the stored one
             self.bank = torch.empty_like(stored, device=self.bank.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def positive_key(source: nn.Module, k: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """The positive each query is contrasted with: ``source.positive(k, index)`` where the source keeps one (a
+    memory bank), else the key ``k``."""
+    positive = getattr(source, "positive", None)
+    return k if positive is None else positive(k, index)
 
 
 @hookimpl

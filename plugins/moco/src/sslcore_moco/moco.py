@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from sslcore.components.negatives import positive_key
 from sslcore.distributed import broadcast, concat_all_gather, rank, world_size
 from sslcore.ema import momentum_update
 
@@ -199,7 +200,8 @@ class MoCo(nn.Module):
         per image (``memory_bank``)."""
         q, k = self.queries_and_keys(views)
         negatives, exclude = self.negative_source.negatives(q, k, index)  # negatives: K x D, exclude: N x K or None
-        loss = self.loss(q, k, negatives, exclude)
+        positive = positive_key(self.negative_source, k, index)  # N x D: k, or a memory bank's entries v_i
+        loss = self.loss(q, positive, negatives, exclude)
         self.negative_source.update(k, index)
         return {"loss": loss}
 

@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from sslcore.components.losses import InfoNCEConfig, InfoNCELoss
+from sslcore.components.negatives import positive_key
 from sslcore.distributed import broadcast, concat_all_gather, rank, world_size
 
 if TYPE_CHECKING:
@@ -178,6 +179,7 @@ class PCL(MoCo):
         entry per image (given by sslcore's loop)."""
         q, k = self.queries_and_keys(views)
         negatives, exclude = self.negative_source.negatives(q, k, index)
+        positive = positive_key(self.negative_source, k, index)  # N x D: k, or a memory bank's entries v_i
         out: dict[str, torch.Tensor] = {}
         proto_logits = []
         if self._use_prototypes and index is not None:
@@ -186,7 +188,7 @@ class PCL(MoCo):
             proto_logits = self.loss.prototype_logits(q, granularities)
             for kk, logits in zip(self.num_clusters, proto_logits):
                 out[f"acc_proto_{kk}"] = (logits.argmax(dim=1) == 0).float().mean().detach()  # Acc@Proto
-        out["loss"] = self.loss(q, k, negatives, exclude, prototype_logits=proto_logits)
+        out["loss"] = self.loss(q, positive, negatives, exclude, prototype_logits=proto_logits)
         self.negative_source.update(k, index)
         return out
 
