@@ -18,8 +18,15 @@ def trained_run(cifar10_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from sslcore.testing import run_example_briefly
 
     tmp_path = tmp_path_factory.mktemp("eval_cli")
-    return run_example_briefly(EXAMPLES / "quickstart.yaml", cifar10_dir, tmp_path, "train.epochs=2",
-                               "train.eval_at_start=true", "data.max_per_class=20")
+    test_set = {"name": "image_folder", "root": str(cifar10_dir / "test"), "max_per_class": 5}
+    evaluators = [{"name": "knn", "k": 20, "every_epochs": 0, "data": test_set},  # the fast probe as a monitor
+                  {"name": "linear_probe", "every_epochs": 1, "weight_decays": [1e-3], "data": test_set}]
+    run_dir = run_example_briefly(EXAMPLES / "quickstart.yaml", cifar10_dir, tmp_path, "train.epochs=2",
+                                  "train.eval_at_start=true", "data.max_per_class=20",
+                                  f"evaluators={json.dumps(evaluators)}")
+    monitored = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in monitored if "linear_fast_top1" in r] == [-1, 0, 1]  # start, every epoch
+    return run_dir
 
 
 def eval_cli(*args: str, cwd: Path):
