@@ -92,8 +92,8 @@ def _evaluator_blocks(run_blocks: list[dict[str, Any]], names: list[str], overri
             if "data" in fields and "data" not in block and test_data is not None:
                 block["data"] = copy.deepcopy(test_data)
         params = {k: v for k, v in block.items() if k != "name"}
-        apply_overrides(params, [_override_for(o, name, names) for o in overrides
-                                 if _override_for(o, name, names) is not None], {})
+        mine = [override for o in overrides if (override := _override_for(o, name, names)) is not None]
+        apply_overrides(params, mine, {})
         blocks.append(resolve_block(registry, "evaluator", {"name": name, **params},
                                     source=f"sslcore eval --evaluator {name}"))
     return blocks
