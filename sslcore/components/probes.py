@@ -88,6 +88,15 @@ def _num_classes(context: EvalContext, block: dict[str, Any] | None, labels: tor
     return max(len(context.classes(block)), int(labels.max()) + 1)
 
 
+def _labelled_targets(context: EvalContext, block: dict[str, Any] | None, name: str) -> torch.Tensor:
+    """The training set's labels, refusing a set with unlabelled images in one line naming the key."""
+    targets = context.targets(block)
+    if (targets < 0).any():
+        raise UserError(f"{name} (evaluators[{name}].train_data) needs labelled data: give a folder of class "
+                        "subfolders (image_folder, labeled: true)")
+    return targets
+
+
 def _check_same_classes(context: EvalContext, name: str, train: dict[str, Any] | None,
                         test: dict[str, Any]) -> None:
     train_classes, test_classes = context.classes(train), context.classes(test)
@@ -196,10 +205,7 @@ class LinearProbeEvaluator:
     def _moco_protocol(self, backbone: nn.Module, context: EvalContext, test_x: torch.Tensor,
                        test_y: torch.Tensor) -> dict[str, float]:
         config = self.config
-        targets = context.targets(config.train_data)
-        if (targets < 0).any():
-            raise UserError("linear_probe (evaluators[linear_probe].train_data) needs labelled data: give a "
-                            "folder of class subfolders")
+        targets = _labelled_targets(context, config.train_data, "linear_probe")
         num_classes = _num_classes(context, config.train_data, targets)
         classifier = nn.Linear(test_x.shape[1], num_classes, device=context.device)
         nn.init.normal_(classifier.weight, std=0.01)
@@ -358,10 +364,7 @@ class FinetuneEvaluator:
     def evaluate(self, backbone: nn.Module, context: EvalContext) -> dict[str, float]:
         config = self.config
         _check_same_classes(context, "finetune", config.train_data, config.data)
-        targets = context.targets(config.train_data)
-        if (targets < 0).any():
-            raise UserError("finetune (evaluators[finetune].train_data) needs labelled data: give a folder of "
-                            "class subfolders")
+        targets = _labelled_targets(context, config.train_data, "finetune")
         num_classes = _num_classes(context, config.train_data, targets)
         results: dict[str, float] = {}
         for fraction in config.fractions:
