@@ -1,11 +1,13 @@
 """The method plugins side by side at equal budget: kNN top-1, training img/s and peak memory of MoCo,
-SimCLR, BYOL, SimSiam, Barlow Twins and VICReg.
+PCL, SimCLR, BYOL, SimSiam, Barlow Twins, VICReg and MAE.
 
 Each method runs its own CIFAR-10 example (examples/<method>_cifar10.yaml: its head, loss, augmentation
 and optimizer as the recipe has them) with the same budget put over it: the quality benchmark's network
-(ResNet-18 with torchvision's stem at 32 px), the same subset of the training images, the same epochs,
-batch size and warm-up, the recipe's learning rate scaled linearly to the batch size (the rule of the
-papers), in-process (backend local). Scored at the end by kNN (k 200, tau 0.1) on the 10,000 test images.
+(ResNet-18 with torchvision's stem at 32 px; MAE, which needs a ViT, keeps its example's ViT-Tiny), the
+same subset of the training images, the same epochs, batch size and warm-up, the recipe's learning rate
+scaled linearly to the batch size (the rule of the papers), in-process (backend local). A method's own
+epoch counts (PCL's warm-up before the first E-step) keep their share of the example's epochs.
+Scored at the end by kNN (k 200, tau 0.1) on the 10,000 test images.
 A quality run whose folder holds a finished run is not repeated (delete bench/runs/NAME to redo it).
 
 Speed is measured apart, on a quiet machine, in short runs of the same configurations interleaved
@@ -32,7 +34,7 @@ import yaml
 from harness import CIFAR, HERE, RESULTS, median, save
 
 REPO = HERE.parent
-METHODS = ["moco", "simclr", "byol", "simsiam", "barlowtwins", "vicreg"]
+METHODS = ["moco", "pcl", "simclr", "byol", "simsiam", "barlowtwins", "vicreg", "mae"]
 EPOCH_LINE = re.compile(r"sslcore: epoch (\d+)/\d+ .*?img_per_s=([\d.e+-]+)")
 KNN = {"name": "knn", "k": 200, "temperature": 0.1, "every_epochs": 0,
        "data": {"name": "image_folder", "root": str(CIFAR / "test")}}
@@ -44,8 +46,11 @@ def budget_config(method: str, args: argparse.Namespace) -> Path:
     train = config["train"]
     optimizer = train["optimizer"]
     optimizer["lr"] = optimizer["lr"] * args.batch_size / train["batch_size"]  # linear scaling rule
+    if "warmup_epochs" in config["method"]:  # PCL's InfoNCE-only epochs: the same share of the run
+        config["method"]["warmup_epochs"] = round(config["method"]["warmup_epochs"] * args.epochs / train["epochs"])
+    if not config["encoder"]["name"].startswith("vit"):
+        config["encoder"] = {"name": "resnet18", "cifar_stem": False}
     config.update(name=f"methods_{method}", seed=args.seed, output_dir="bench/runs", evaluators=[KNN],
-                  encoder={"name": "resnet18", "cifar_stem": False},
                   scaling={"backend": "local", "num_workers": 1},
                   checkpoint={"every_epochs": args.epochs, "keep": 1},
                   tracking={"aim": None, "progress_bar": False})
