@@ -18,7 +18,7 @@ import torch
 from harness import CIFAR, median, save
 
 from sslcore.components.augmentations import MoCoV2Augmentation, MoCoV2Config
-from sslcore.data import load_image
+from sslcore.toolkit.images import load_image
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

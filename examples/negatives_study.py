@@ -69,7 +69,7 @@ def train(mechanism: str, k: int, args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"{run_dir} was trained with another budget; give this one a new --out")
     if not (summary.exists() and "final" in json.loads(summary.read_text()) and usage.exists()):
         resume = ["--resume", str(run_dir)] if list(run_dir.glob("checkpoint_*")) else [str(QUICKSTART)]
-        command = [sys.executable, "-m", "sslcore.cli", "run", *resume,
+        command = [sys.executable, "-m", "sslcore", "run", *resume,
                    *(arg for item in overrides(mechanism, k, args) for arg in ("--set", item))]
         print(f"{mechanism} K={k}: training, log in {log}", flush=True)
         run_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from typing import Any, Literal, cast
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sslcore.errors import ConfigError
+from sslcore.api.errors import ConfigError
 from sslcore.registry import SLOT_KINDS, Registry, did_you_mean
 
 Block = dict[str, Any]

@@ -1,7 +1,7 @@
 """The contract every component meets, checked on tiny CPU inputs (see :func:`sslcore.testing.check_component`).
 
 Each kind's check builds the component from its defaults (datasets and evaluators get a small folder of
-images made here) and exercises the interface documented in :mod:`sslcore.hookspecs`.
+images made here) and exercises the interface documented in :mod:`sslcore.api.hookspecs`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sslcore.api.errors import UserError
 from sslcore.engine.context import EvalContext, MethodContext
-from sslcore.errors import UserError
 from sslcore.registry import Registry
 
 

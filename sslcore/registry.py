@@ -25,8 +25,8 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel, ConfigDict
 
-from sslcore import hookspecs
-from sslcore.errors import PluginError, UserError
+from sslcore.api import hookspecs
+from sslcore.api.errors import PluginError, UserError
 
 ENTRY_POINT_GROUP = "sslcore"
 DISABLE_AUTOLOAD_ENV = "SSLCORE_DISABLE_PLUGIN_AUTOLOAD"
@@ -51,7 +51,7 @@ BUILTIN_MODULES = (
     "sslcore.components.clustering",
     "sslcore.components.evaluators",
     "sslcore.components.probes",
-    "sslcore.data.datasets",
+    "sslcore.components.datasets",
 )
 
 SLOT_KINDS = {"encoder": "encoder", "augmentation": "augmentation", "negatives": "negative_source",

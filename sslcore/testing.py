@@ -134,7 +134,7 @@ def run_cli(*args: str, cwd: Path, autoload: bool = True, timeout: float = 600) 
     env.pop("SSLCORE_DISABLE_PLUGIN_AUTOLOAD", None)
     if not autoload:
         env["SSLCORE_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    return subprocess.run([sys.executable, "-m", "sslcore.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "sslcore", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=cwd)
 
 

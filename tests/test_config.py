@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from sslcore.api.errors import ConfigError
 from sslcore.config import apply_overrides, experiment_schema, load_experiment, load_yaml
-from sslcore.errors import ConfigError
 from sslcore.registry import Registry
 
 
@@ -163,7 +163,7 @@ def test_schema_lists_registered_components(registry: Registry) -> None:
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "SSLCORE_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    return subprocess.run([sys.executable, "-m", "sslcore.cli", *args, "-p", "sslcore_moco.plugin"], env=env,
+    return subprocess.run([sys.executable, "-m", "sslcore", *args, "-p", "sslcore_moco.plugin"], env=env,
                           capture_output=True, text=True, timeout=120, cwd=cwd)
 
 

@@ -16,8 +16,8 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from sslcore.data import EvalDataset, MultiViewDataset, UnreadableImage, build_dataset, seed_worker
-from sslcore.errors import TrainingError, UserError
+from sslcore.api.errors import TrainingError, UnreadableImage, UserError
+from sslcore.engine.data import EvalDataset, MultiViewDataset, seed_worker
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -45,7 +45,7 @@ class CropViews:
 @pytest.fixture
 def folder(registry):
     def build(root: Path | str, **params) -> object:
-        return build_dataset(registry, {"name": "image_folder", "root": str(root), **params})
+        return registry.build("dataset", {"name": "image_folder", "root": str(root), **params})
     return build
 
 
@@ -175,7 +175,7 @@ def test_file_list_relative_absolute_and_comments(registry, cifar10_subset, tmp_
     shutil.copy(horse[0], tmp_path / "images" / "a.jpg")
     listing = tmp_path / "list.txt"
     listing.write_text(f"# training images\n\nimages/a.jpg\n  {horse[1]}  \n#{horse[2]}\n")
-    dataset = build_dataset(registry, {"name": "file_list", "path": str(listing)})
+    dataset = registry.build("dataset", {"name": "file_list", "path": str(listing)})
     assert len(dataset) == 2
     assert dataset.classes == []
     np.testing.assert_array_equal(dataset[0][0], np.array(Image.open(horse[0]).convert("RGB")))
@@ -185,7 +185,7 @@ def test_file_list_relative_absolute_and_comments(registry, cifar10_subset, tmp_
     elsewhere = tmp_path / "lists" / "list.txt"
     elsewhere.parent.mkdir()
     elsewhere.write_text("images/a.jpg\n")
-    dataset = build_dataset(registry, {"name": "file_list", "path": str(elsewhere), "root": str(tmp_path)})
+    dataset = registry.build("dataset", {"name": "file_list", "path": str(elsewhere), "root": str(tmp_path)})
     assert dataset[0][0].shape == (32, 32, 3)
 
 
@@ -193,12 +193,12 @@ def test_file_list_missing_or_empty(registry, tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
     for name in ("missing.txt", "empty.txt"):
         with pytest.raises(UserError, match=re.escape(f"'{tmp_path / name}'") + r".*\(data\.path\)"):
-            build_dataset(registry, {"name": "file_list", "path": str(tmp_path / name)})
+            registry.build("dataset", {"name": "file_list", "path": str(tmp_path / name)})
 
 
 def test_cifar10_missing_without_download_names_root(registry, tmp_path):
     with pytest.raises(UserError, match=re.escape(f"no CIFAR-10 under '{tmp_path}'") + ".*download: true"):
-        build_dataset(registry, {"name": "cifar10", "root": str(tmp_path), "download": False})
+        registry.build("dataset", {"name": "cifar10", "root": str(tmp_path), "download": False})
     assert list(tmp_path.iterdir()) == []
 
 

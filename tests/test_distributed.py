@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sslcore.distributed import gather_with_grad
 from sslcore.testing import run_distributed
+from sslcore.toolkit.distributed import gather_with_grad
 
 GLOBAL_BATCH = 8
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from sslcore.api.errors import UserError
 from sslcore.engine.context import EvalContext
-from sslcore.errors import UserError
 
 torch.set_num_threads(1)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-CLI = [sys.executable, "-m", "sslcore.cli"]
+CLI = [sys.executable, "-m", "sslcore"]
 
 
 def experiment(tmp_path: Path, subset: dict[str, Path], **overrides: object) -> Path:
@@ -174,7 +174,7 @@ def test_ray_train_with_two_cpu_workers(tmp_path: Path, cifar10_subset: dict) ->
                       loss={"name": "lab_info_nce", "temperature": 0.2},
                       plugins=["sslcore_moco.plugin", "tp_lab_loss"],
                       tracking={"aim": {"repo": "aim"}, "progress_bar": True})  # relative: to the user's folder
-    driver = (f"import sys; sys.path.insert(0, {str(lab)!r}); from sslcore.cli import main; "
+    driver = (f"import sys; sys.path.insert(0, {str(lab)!r}); from sslcore.commands.cli import main; "
               f"sys.exit(main(['run', {str(path)!r}]))")
     out = subprocess.run([sys.executable, "-c", driver], env=env(), capture_output=True, text=True, timeout=600,
                          cwd=tmp_path)

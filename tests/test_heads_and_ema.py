@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from sslcore.ema import cosine_momentum, momentum_update
-from sslcore.heads import MLPHead
+from sslcore.toolkit.ema import cosine_momentum, momentum_update
+from sslcore.toolkit.heads import MLPHead
 
 
 def test_mlp_head_layers_follow_the_dims_and_options() -> None:

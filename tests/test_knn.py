@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from sslcore.api.errors import UserError
 from sslcore.components.augmentations import MoCoV2Augmentation, MoCoV2Config
 from sslcore.components.encoders import ResNetConfig, resnet18
 from sslcore.components.evaluators import KNNConfig, KNNEvaluator, knn_predict
 from sslcore.engine.context import EvalContext
-from sslcore.errors import UserError
 
 torch.set_num_threads(1)
 
@@ -99,8 +99,8 @@ def test_unlabelled_data_is_a_user_error(registry, cifar10_subset, backbone, tmp
 
 
 def test_knn_refuses_test_classes_that_differ_from_the_memory_bank(cifar10_subset, tmp_path) -> None:
+    from sslcore.api.errors import UserError
     from sslcore.engine.context import EvalContext
-    from sslcore.errors import UserError
     from sslcore.registry import Registry
 
     registry = Registry(autoload=False)

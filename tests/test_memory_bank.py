@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from sslcore.api.errors import TrainingError
 from sslcore.components.negatives import MemoryBankConfig, MemoryBankNegatives
-from sslcore.errors import TrainingError
 from sslcore.testing import run_distributed
 
 DIM = 4
@@ -233,7 +233,7 @@ def _experiment(folder: Path, subset: dict[str, Path], epochs: int) -> Path:
 
 def _sslcore(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "SSLCORE_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run([sys.executable, "-m", "sslcore.cli", *args], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "sslcore", *args], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     return out

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from sslcore.api.errors import ConfigError
 from sslcore.config import resolve
-from sslcore.errors import ConfigError
-from sslcore.optim import LARS, build_optimizer
 from sslcore.registry import Registry
+from sslcore.toolkit.lars import LARS, build_optimizer
 
 LR, MOMENTUM, WD, ETA = 0.5, 0.9, 0.01, 0.001
 

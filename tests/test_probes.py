@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from sslcore.api.errors import UserError
 from sslcore.components.augmentations import MoCoV2Augmentation, MoCoV2Config
 from sslcore.components.encoders import ResNetConfig, resnet18
 from sslcore.components.probes import (
@@ -29,7 +30,6 @@ from sslcore.components.probes import (
     sample_per_class,
 )
 from sslcore.engine.context import EvalContext
-from sslcore.errors import UserError
 
 torch.set_num_threads(1)
 

@@ -87,7 +87,7 @@ def test_broken_plugin_does_not_break_the_cli(site: Path) -> None:
     make_distribution(site, "tp-broken2", "tp_broken2", "raise RuntimeError('boom at import')\n")
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("SSLCORE_DISABLE_PLUGIN_AUTOLOAD", None)
-    out = subprocess.run([sys.executable, "-m", "sslcore.cli", "plugins", "--json"], env=env,
+    out = subprocess.run([sys.executable, "-m", "sslcore", "plugins", "--json"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     plugins = {p["name"]: p for p in json.loads(out.stdout)}
@@ -112,8 +112,8 @@ def test_clash_with_a_builtin_is_refused(site: Path) -> None:
 
 
 def test_clash_fails_validation(site: Path, tmp_path: Path) -> None:
+    from sslcore.api.errors import ConfigError
     from sslcore.config import resolve
-    from sslcore.errors import ConfigError
 
     make_distribution(site, "tp-a", "tp_a", LOSS_PLUGIN.replace("{name}", "dup"))
     make_distribution(site, "tp-b", "tp_b", LOSS_PLUGIN.replace("{name}", "dup"))

@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
 
 from sslcore import hookimpl
-from sslcore.hookspecs import Register
+from sslcore.api.hookspecs import Register
 
 if TYPE_CHECKING:  # imported where a pipeline is built, not when the registry loads (startup time)
     import albumentations as A

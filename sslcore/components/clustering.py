@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from sslcore import hookimpl
-from sslcore.hookspecs import Register
+from sslcore.api.hookspecs import Register
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from sslcore import hookimpl
-from sslcore.hookspecs import Register
+from sslcore.api.hookspecs import Register
 
 if TYPE_CHECKING:  # torchvision is imported where a model is built: ~2 s that `sslcore run`'s driver skips
     from torchvision import models

@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from sslcore import hookimpl
-from sslcore.errors import UserError
-from sslcore.hookspecs import Register
+from sslcore.api.errors import UserError
+from sslcore.api.hookspecs import Register
 
 if TYPE_CHECKING:
     from sslcore.engine.context import EvalContext

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from sslcore import hookimpl
-from sslcore.hookspecs import Register
+from sslcore.api.hookspecs import Register
 
 
 class InfoNCEConfig(BaseModel):

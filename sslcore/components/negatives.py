@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from sslcore import hookimpl
-from sslcore.distributed import concat_all_gather, rank
-from sslcore.errors import TrainingError
-from sslcore.hookspecs import Register
+from sslcore.api.errors import TrainingError
+from sslcore.api.hookspecs import Register
+from sslcore.toolkit.distributed import concat_all_gather, rank
 
 logger = logging.getLogger(__name__)
 

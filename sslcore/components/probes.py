@@ -42,9 +42,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from sslcore import hookimpl
+from sslcore.api.errors import UserError
+from sslcore.api.hookspecs import Register
 from sslcore.components.evaluators import DATASET_BLOCK
-from sslcore.errors import UserError
-from sslcore.hookspecs import Register
 
 if TYPE_CHECKING:
     from sslcore.engine.context import EvalContext

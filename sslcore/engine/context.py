@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from sslcore.errors import UserError
+from sslcore.api.errors import UserError
 from sslcore.registry import Registry
 
 
@@ -55,7 +55,7 @@ class EvalContext:
     def dataset(self, block: dict[str, Any] | None = None, augmented: bool = False) -> torch.utils.data.Dataset:
         """The dataset of ``block`` (the training data when None), items ``(tensor, label)``, through the eval
         transform, or ``augmented`` through :attr:`labelled_transform` (a classifier's training set)."""
-        from sslcore.data import EvalDataset
+        from sslcore.engine.data import EvalDataset
 
         transform = (self.labelled_transform or self.eval_transform) if augmented else self.eval_transform
         return EvalDataset(self.registry.build("dataset", block or self.train_data), transform)

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 import yaml
 
+from sslcore.api.errors import ConfigError, UserError
 from sslcore.config import Resolved
 from sslcore.engine.context import MethodContext
 from sslcore.engine.loop import ERROR_FILE, build_method, make_spec, train_loop_per_worker
 from sslcore.engine.session import CHECKPOINT_FILE
-from sslcore.errors import ConfigError, UserError
 from sslcore.registry import Registry
 
 CONFIG_FILE = "config.yaml"
@@ -110,7 +110,7 @@ def _fit_on_ray(spec: dict[str, Any], resolved: Resolved, run_dir: Path, modules
     # py_modules only at the job level, in ray.init.
     # The hook runs in every process of the job, Ray's own actors too: its module imports no torch
     # (this module's import of torch cost ~2.5 s of start-up on 2 cores; bench/results.md).
-    job_env: dict[str, Any] = {"worker_process_setup_hook": "sslcore.ray_worker.quiet_ray_worker"}
+    job_env: dict[str, Any] = {"worker_process_setup_hook": "sslcore.engine.ray_worker.quiet_ray_worker"}
     local_modules = _uninstalled_module_paths(modules)
     if local_modules:
         job_env["py_modules"] = local_modules

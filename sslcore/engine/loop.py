@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from sslcore.data import MultiViewDataset, seed_worker
+from sslcore.api.errors import ConfigError, TrainingError, UserError
 from sslcore.engine.context import EvalContext, MethodContext
+from sslcore.engine.data import MultiViewDataset, seed_worker
 from sslcore.engine.session import CHECKPOINT_FILE, LocalSession, RaySession, Session
 from sslcore.engine.tracking import Tracker, progress_bar
-from sslcore.errors import ConfigError, TrainingError, UserError
-from sslcore.optim import build_optimizer
 from sslcore.registry import SLOT_KINDS, Registry
+from sslcore.toolkit.lars import build_optimizer
 
 ERROR_FILE = "error.json"
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

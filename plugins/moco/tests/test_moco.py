@@ -15,9 +15,9 @@ from sslcore_moco import MoCo, MoCoConfig, SplitBatchNorm, convert_split_batchno
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from sslcore.api.errors import TrainingError
 from sslcore.components.encoders import plain_torchvision_resnet
 from sslcore.engine.context import MethodContext
-from sslcore.errors import TrainingError
 from sslcore.registry import Registry
 
 BATCH = 16  # per worker

@@ -20,7 +20,7 @@ from sslcore_pcl import PCL, ProtoNCEConfig, ProtoNCELoss, Prototypes, concentra
 from sslcore.registry import Registry
 from sslcore.testing import check_component
 
-CLI = [sys.executable, "-m", "sslcore.cli"]
+CLI = [sys.executable, "-m", "sslcore"]
 
 
 def official_density(distances: np.ndarray, im2cluster: np.ndarray, k: int, temperature: float) -> np.ndarray:

@@ -15,9 +15,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sslcore.engine.context import MethodContext
-from sslcore.heads import MLPHead
 from sslcore.registry import Registry
 from sslcore.testing import check_plugin, run_distributed, run_example_briefly, tiny_encoder
+from sslcore.toolkit.heads import MLPHead
 
 GLOBAL_BATCH = 8
 TAU = 0.5

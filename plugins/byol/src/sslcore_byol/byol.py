@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from sslcore.ema import cosine_momentum, momentum_update
-from sslcore.heads import MLPHead
+from sslcore.toolkit.ema import cosine_momentum, momentum_update
+from sslcore.toolkit.heads import MLPHead
 
 if TYPE_CHECKING:
     from sslcore.engine.context import MethodContext

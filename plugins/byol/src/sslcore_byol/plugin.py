@@ -4,7 +4,7 @@ and its loss ``byol``."""
 from __future__ import annotations
 
 from sslcore import hookimpl
-from sslcore.hookspecs import Register
+from sslcore.api.hookspecs import Register
 from sslcore_byol.byol import BYOL, BYOLConfig, BYOLLoss, BYOLLossConfig
 
 

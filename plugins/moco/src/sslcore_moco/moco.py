@@ -38,8 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from sslcore.components.negatives import positive_key
-from sslcore.distributed import broadcast, concat_all_gather, rank, world_size
-from sslcore.ema import momentum_update
+from sslcore.toolkit.distributed import broadcast, concat_all_gather, rank, world_size
+from sslcore.toolkit.ema import momentum_update
 
 if TYPE_CHECKING:
     from sslcore.engine.context import MethodContext

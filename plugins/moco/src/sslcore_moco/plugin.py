@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sslcore import hookimpl
-from sslcore.hookspecs import Register
+from sslcore.api.hookspecs import Register
 from sslcore_moco.moco import MoCo, MoCoConfig
 
 

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Subset
 
 from sslcore.components.losses import InfoNCEConfig, InfoNCELoss
 from sslcore.components.negatives import positive_key
-from sslcore.distributed import broadcast, concat_all_gather, rank, world_size
+from sslcore.toolkit.distributed import broadcast, concat_all_gather, rank, world_size
 
 if TYPE_CHECKING:
     from sslcore.components.clustering import ClusterResult
@@ -280,7 +280,7 @@ def write_prototype_grid(context: MethodContext, features: torch.Tensor, result:
     ``neighbours`` training images whose embeddings are nearest (cosine) to it, as in the paper's figure."""
     from PIL import Image
 
-    from sslcore.data import EvalDataset
+    from sslcore.engine.data import EvalDataset
 
     sizes = result.sizes()
     candidates = torch.nonzero(sizes > 0).flatten().tolist()

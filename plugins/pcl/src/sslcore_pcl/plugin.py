@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from sslcore import hookimpl
-from sslcore.hookspecs import Register
+from sslcore.api.hookspecs import Register
 from sslcore_pcl.pcl import PCL, PCLConfig, ProtoNCEConfig, ProtoNCELoss
 
 

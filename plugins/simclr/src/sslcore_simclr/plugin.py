@@ -4,7 +4,7 @@ and its loss ``nt_xent``."""
 from __future__ import annotations
 
 from sslcore import hookimpl
-from sslcore.hookspecs import Register
+from sslcore.api.hookspecs import Register
 from sslcore_simclr.simclr import NTXentConfig, NTXentLoss, SimCLR, SimCLRConfig
 
 

@@ -14,7 +14,7 @@ the other 2(N - 1) views of the batch are the negatives; an anchor is never comp
 
 With W workers, N is the global batch. Each worker holds n = N / W images; its 2n views are the anchors
 of its loss, and the candidates k are the 2N views of all workers, gathered with gradient
-(``sslcore.distributed.gather_with_grad``), so that the per-worker mean that DDP averages is L and its
+(``sslcore.toolkit.distributed.gather_with_grad``), so that the per-worker mean that DDP averages is L and its
 gradients are those of one process on the whole batch. Only the encoder f is kept.
 """
 
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from sslcore.distributed import concat_all_gather, gather_with_grad, rank
-from sslcore.heads import MLPHead
+from sslcore.toolkit.distributed import concat_all_gather, gather_with_grad, rank
+from sslcore.toolkit.heads import MLPHead
 
 if TYPE_CHECKING:
     from sslcore.engine.context import MethodContext

@@ -4,7 +4,7 @@ and its loss ``negative_cosine``."""
 from __future__ import annotations
 
 from sslcore import hookimpl
-from sslcore.hookspecs import Register
+from sslcore.api.hookspecs import Register
 from sslcore_simsiam.simsiam import NegativeCosineConfig, NegativeCosineLoss, SimSiam, SimSiamConfig
 
 

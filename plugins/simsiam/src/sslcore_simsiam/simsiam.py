@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from sslcore.heads import MLPHead
+from sslcore.toolkit.heads import MLPHead
 
 if TYPE_CHECKING:
     from sslcore.engine.context import MethodContext

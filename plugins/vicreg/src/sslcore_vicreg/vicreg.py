@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from sslcore.distributed import gather_with_grad
-from sslcore.heads import MLPHead
+from sslcore.toolkit.distributed import gather_with_grad
+from sslcore.toolkit.heads import MLPHead
 
 if TYPE_CHECKING:
     from sslcore.engine.context import MethodContext

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from sslcore.api.errors import UserError
 from sslcore.config import resolve
 from sslcore.engine.launch import CONFIG_FILE, checkpoints, dry_build
-from sslcore.errors import UserError
 from sslcore.registry import Registry
 
 

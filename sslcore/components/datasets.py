@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import Dataset
 
 from sslcore import hookimpl
-from sslcore.data import load_image
-from sslcore.errors import UserError
-from sslcore.hookspecs import Register
+from sslcore.api.errors import UserError
+from sslcore.api.hookspecs import Register
+from sslcore.toolkit.images import load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 

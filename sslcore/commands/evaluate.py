@@ -26,11 +26,11 @@ from typing import Any
 import torch
 import yaml
 
+from sslcore.api.errors import UserError
 from sslcore.config import apply_overrides, resolve, resolve_block
 from sslcore.engine.context import EvalContext
 from sslcore.engine.launch import CONFIG_FILE, checkpoints, dry_build
 from sslcore.engine.loop import AUTOCAST_DTYPES, resolve_precision, seed_everything
-from sslcore.errors import UserError
 from sslcore.registry import Registry
 
 RESULTS_FILE = "evaluations.json"

@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
+from sslcore.api.errors import UserError
+from sslcore.commands.evaluate import RANDOM_INIT, RESULTS_FILE
 from sslcore.engine.launch import CONFIG_FILE
-from sslcore.errors import UserError
-from sslcore.evaluate import RANDOM_INIT, RESULTS_FILE
 
 REPORT_FILE = "report.md"
 FIGURES = "report"

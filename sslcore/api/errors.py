@@ -24,3 +24,15 @@ class PluginError(UserError):
 
 class TrainingError(UserError):
     """Training cannot go on for a reason the user can fix (a NaN loss, an empty dataset)."""
+
+
+class UnreadableImage(Exception):
+    """An image file that cannot be decoded; sslcore's loader logs it and skips to the next item."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)  # both in args, so the exception pickles (DataLoader workers, Ray)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sslcore.errors import UserError
+from sslcore.api.errors import UserError
 
 if TYPE_CHECKING:  # imported lazily at run time, to keep --help fast
     from sslcore.config import Resolved
@@ -177,7 +177,7 @@ def _names(registry: Registry, kind: str) -> list[str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sslcore.export import export_backbone
+    from sslcore.commands.export import export_backbone
 
     registry = _registry(args)
     path = export_backbone(args.run_dir, args.output, registry)
@@ -186,7 +186,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from sslcore.evaluate import evaluate_target
+    from sslcore.commands.evaluate import evaluate_target
 
     registry = _registry(args)
     results = evaluate_target(args.target, args.evaluators, registry, args.overrides, config=args.config,
@@ -198,7 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sslcore.report import write_report
+    from sslcore.commands.report import write_report
 
     print(f"wrote {write_report(args.run_dir)}")
     return 0

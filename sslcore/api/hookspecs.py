@@ -71,7 +71,7 @@ def register_negative_sources(register: Register) -> None:
       None)`` — the negatives for this step; ``exclude[i, j]`` is True where negative ``j`` must not count for
       query ``i`` (its own positive, for in-batch negatives; its own image, for a memory bank);
     - ``update(k: N x D, index: N long | None = None) -> None`` — called after the loss with this worker's keys
-      (detached); the source gathers them across workers itself (``sslcore.distributed``) so every worker holds
+      (detached); the source gathers them across workers itself (``sslcore.toolkit.distributed``) so every worker holds
       the same state;
     - optional ``positive(k: N x D, index: N long | None = None) -> N x D`` — the positive key each query is
       contrasted with, where the source keeps it (a memory bank: each image's own entry, as InstDisc);
@@ -79,7 +79,7 @@ def register_negative_sources(register: Register) -> None:
 
     ``index`` holds the dataset indices of the batch's images (row i of ``q`` and ``k`` is image ``index[i]``),
     passed by methods whose ``forward`` takes ``index`` (MoCo, PCL); a source that needs it raises
-    ``sslcore.errors.TrainingError`` when it is None. State that must survive a resume (a queue, a memory bank)
+    ``sslcore.api.errors.TrainingError`` when it is None. State that must survive a resume (a queue, a memory bank)
     lives in buffers, so it is checkpointed with the method. Raise ``ValueError`` from the factory for a
     configuration that cannot work with this batch size; sslcore reports it as a config error on the
     ``negatives`` block.
@@ -106,7 +106,7 @@ def register_losses(register: Register) -> None:
     - contrastive, as MoCo calls it: ``loss(q: N x D, k: N x D, negatives: K x D, exclude: N x K bool | None)``;
     - paired, as SimCLR, BYOL, Barlow Twins call it: ``loss(z1: N x D, z2: N x D)``, the embeddings of two
       views of this worker's N images. A paired loss that needs the global batch (negatives from every
-      worker, statistics over all samples) gathers it with ``sslcore.distributed.gather_with_grad``.
+      worker, statistics over all samples) gathers it with ``sslcore.toolkit.distributed.gather_with_grad``.
 
     The method using a loss documents which signature it calls. Optional: ``last_terms: dict[str, Tensor]``,
     the 0-dim terms of the last call (VICReg's invariance, variance, covariance), which methods that know
@@ -140,7 +140,7 @@ def register_datasets(register: Register) -> None:
     The dataset exposes ``classes: list[str]`` (empty when unlabeled) and may expose ``targets`` (every
     item's label, as torchvision's datasets do), which lets evaluators draw labelled subsets without
     decoding every image. Items that cannot be decoded are
-    logged and skipped by sslcore's loader, so a dataset may raise ``sslcore.data.UnreadableImage``.
+    logged and skipped by sslcore's loader, so a dataset may raise ``sslcore.api.errors.UnreadableImage``.
     """
 
 

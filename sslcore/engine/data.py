@@ -1,4 +1,4 @@
-"""Data pipeline: datasets built from the registry, multi-view and eval wrappers, DataLoader worker seeding.
+"""The training data pipeline: multi-view and eval wrappers over datasets, DataLoader worker seeding.
 
 Datasets (``register_datasets``) yield ``(image, label)`` with ``image`` an H x W x 3 uint8 RGB array. The
 wrappers here apply the augmentation (training) or the eval transform (evaluators) and skip images that
@@ -10,35 +10,15 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from sslcore.errors import TrainingError
-from sslcore.registry import Registry
+from sslcore.api.errors import TrainingError, UnreadableImage
 
 logger = logging.getLogger("sslcore.data")
-
-# Everything Pillow raises for a file it cannot decode: unknown format (UnidentifiedImageError is an
-# OSError), truncated data (OSError), broken PNG chunks (SyntaxError), bad headers (ValueError, EOFError)
-# and images too large to be real (DecompressionBombError).
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-class UnreadableImage(Exception):
-    """An image file that cannot be decoded; sslcore's loader logs it and skips to the next item."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(path, reason)  # both in args, so the exception pickles (DataLoader workers, Ray)
-        self.path = path
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
-
 
 class Augmentation(Protocol):
     """What :class:`MultiViewDataset` uses of an augmentation (see ``register_augmentations``)."""
@@ -46,23 +26,6 @@ class Augmentation(Protocol):
     def views(self, image: np.ndarray) -> list[torch.Tensor]: ...
 
     def set_seed(self, seed: int) -> None: ...
-
-
-def load_image(path: str) -> np.ndarray:
-    """Decode ``path`` as an H x W x 3 uint8 RGB array (grayscale, palette, RGBA and CMYK are converted).
-
-    Raises :class:`UnreadableImage` when the file cannot be opened or decoded.
-    """
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))  # np.array, not asarray: a writable array
-    except _DECODE_ERRORS as exc:
-        raise UnreadableImage(path, f"{type(exc).__name__}: {exc}") from exc
-
-
-def build_dataset(registry: Registry, block: dict[str, Any]) -> Dataset:
-    """The dataset described by a ``data`` block: ``{"name": ..., **params}``."""
-    return registry.build("dataset", block)
 
 
 class _SkipUnreadable(Dataset):
@@ -134,4 +97,4 @@ def seed_worker(worker_id: int) -> None:
         set_seed(seed)
 
 
-__all__ = ["EvalDataset", "MultiViewDataset", "UnreadableImage", "build_dataset", "load_image", "seed_worker"]
+__all__ = ["EvalDataset", "MultiViewDataset", "seed_worker"]
