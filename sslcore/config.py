@@ -12,7 +12,7 @@ Every error is one line: ``file:line: dotted.key.path: message — did you mean 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -20,7 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sslcore.api.errors import ConfigError
-from sslcore.registry import SLOT_KINDS, Registry, did_you_mean
+from sslcore.api.recipe import BIAS_AND_NORM, TrainConfig
+from sslcore.registry import KIND_PROTOCOLS, SLOT_KINDS, Component, Registry, did_you_mean
 
 Block = dict[str, Any]
 Loc = tuple[Any, ...]
@@ -30,57 +31,7 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# -- optimizers (built in; a block like any other) -------------------------------------------------------
-
-class SGDConfig(_Model):
-    lr: float = Field(0.03, gt=0, description="Base learning rate (for the whole global batch).")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    nesterov: bool = False
-
-
-class AdamWConfig(_Model):
-    lr: float = Field(1e-3, gt=0, description="Base learning rate (for the whole global batch).")
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(0.05, ge=0)
-    eps: float = Field(1e-8, gt=0)
-
-
-class LARSConfig(_Model):
-    lr: float = Field(0.3, gt=0, description="Base learning rate (for the whole global batch; SimCLR: 0.3 x B/256).")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-6, ge=0)
-    trust_coefficient: float = Field(0.001, gt=0, description="eta in the trust ratio eta ||w|| / ||g + wd w||.")
-    exclude_bias_and_norm: bool = Field(True, description="Biases and normalisation parameters (the 1-D ones) "
-                                                          "get neither weight decay nor the trust ratio.")
-
-
-OPTIMIZERS: dict[str, type[BaseModel]] = {"sgd": SGDConfig, "adamw": AdamWConfig, "lars": LARSConfig}
-
-
 # -- the experiment file ----------------------------------------------------------------------------------
-
-class TrainConfig(_Model):
-    epochs: int = Field(100, ge=1)
-    batch_size: int = Field(256, ge=1, description="Global batch size, split evenly over the workers.")
-    optimizer: Block = Field(default_factory=lambda: {"name": "sgd"},
-                             description="{name: sgd|adamw|lars, **params}")
-    warmup_epochs: float = Field(0, ge=0, description="Linear warmup before the cosine schedule.")
-    schedule: Literal["cosine", "constant"] = "cosine"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Autocast dtype of the training step and the evaluators. auto: bf16 on a GPU that "
-                            "supports it (else fp16), bf16 on a CPU with native bf16 (AVX512-BF16 or AMX), "
-                            "else fp32. See bench/results.md for speed and kNN of each.")
-    channels_last: bool = Field(True, description="Images and model in channels_last memory format (faster "
-                                                  "convolutions on CPU with oneDNN and on GPU tensor cores).")
-    compile: bool = Field(False, description="torch.compile the method's encoders and heads (compiles during "
-                                             "the first steps).")
-    loader_workers: int | None = Field(
-        None, ge=0, description="DataLoader worker processes per training worker (default: from its CPUs).")
-    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on steps per epoch (quick runs).")
-    log_every_steps: int = Field(10, ge=1)
-    eval_at_start: bool = Field(False, description="Run the evaluators on the untrained encoder too (the floor).")
-
 
 class ScalingSection(_Model):
     backend: Literal["ray", "local"] = Field(
@@ -126,12 +77,14 @@ class Experiment(_Model):
 
 @dataclass
 class Resolved:
-    """A validated experiment: the structure, every block filled in, and the plain dict workers get."""
+    """A validated experiment: the structure, every block filled in (the method's slot defaults and recipe
+    under what the file gives), and the plain dict workers get."""
 
     experiment: Experiment
     blocks: dict[str, Block]  # slot -> {name, **validated params}, incl. method, data, optimizer
     evaluators: list[Block]
     source: str
+    lines: dict[Loc, int] = field(default_factory=dict)  # key path -> its line in the file (0: from --set)
 
     def as_dict(self) -> dict[str, Any]:
         out = self.experiment.model_dump(mode="json")
@@ -139,6 +92,26 @@ class Resolved:
         out["train"]["optimizer"] = out.pop("optimizer")
         out["evaluators"] = copy.deepcopy(self.evaluators)
         return out
+
+    def error(self, loc: Loc, message: str) -> ConfigError:
+        """A config error about the key at ``loc``, as validation reports them: ``file:line: key: message``."""
+        return located_error(self.source, self.lines, loc, message)
+
+
+class BlockError(ConfigError):
+    """A config error about the key at ``loc``, found where the file is not known (building the method on a
+    worker); :meth:`Resolved.error` and :func:`located_error` give it its ``file:line``."""
+
+    def __init__(self, loc: Loc, message: str) -> None:
+        super().__init__(f"{_dotted(loc)}: {message}")
+        self.loc, self.message = loc, message
+
+
+def located_error(source: str, lines: dict[Loc, int], loc: Loc, message: str) -> ConfigError:
+    """``ConfigError("file:line: dotted.key: message")`` for the key at ``loc`` of the experiment ``source``."""
+    errors = _Errors(source, lines)
+    errors.add(loc, message)
+    return ConfigError(*errors.items)
 
 
 # -- YAML with line numbers ----------------------------------------------------------------------------
@@ -284,35 +257,28 @@ def resolve(data: dict[str, Any], registry: Registry, source: str = "<experiment
     for clash in registry.clashes:
         errors.add((), clash)
 
+    blocks: dict[str, Block] = {}
+    method = _validate_block(errors, registry, "method", ("method",), data.get("method"))
+    if method is not None:
+        blocks["method"] = method
+    method_name = data["method"].get("name") if isinstance(data.get("method"), dict) else None
+    method_component = registry.components["method"].get(method_name)
+    if method_component is not None and (data.get("train") is None or isinstance(data["train"], dict)):
+        data["train"] = merge_recipe(method_component.recipe, data.get("train"))
+
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as exc:
         errors.add_pydantic((), exc, Experiment)
         experiment = None
 
-    blocks: dict[str, Block] = {}
-    method = _validate_block(errors, registry, "method", ("method",), data.get("method"))
-    if method is not None:
-        blocks["method"] = method
-    method_name = data["method"].get("name") if isinstance(data.get("method"), dict) else None
-    if method_name in registry.components["method"]:  # check the slots even when the method's params fail
-        slots = registry.get("method", method_name).extra.get("slots", {})
-        for slot, kind in SLOT_KINDS.items():
-            given = data.get(slot)
-            if slot not in slots:
-                if given is not None:
-                    errors.add((slot,), f"method '{method_name}' does not use a '{slot}' block; remove it "
-                                        f"(it uses: {', '.join(slots) or 'none'})")
-                continue
-            block = _merge_default(slots[slot], given)
-            validated = _validate_block(errors, registry, kind, (slot,), block)
-            if validated is not None:
-                blocks[slot] = validated
+    if method_component is not None:  # check the slots even when the method's params fail
+        _resolve_slots(errors, registry, method_component, data, blocks)
     data_block = _validate_block(errors, registry, "dataset", ("data",), data.get("data"))
     if data_block is not None:
         blocks["data"] = data_block
     train = data.get("train") if isinstance(data.get("train"), dict) else {}
-    optimizer = _validate_block(errors, None, "optimizer", ("train", "optimizer"),
+    optimizer = _validate_block(errors, registry, "optimizer", ("train", "optimizer"),
                                 _as_block(train.get("optimizer", {"name": "sgd"})))
     if optimizer is not None:
         blocks["optimizer"] = optimizer
@@ -323,6 +289,13 @@ def resolve(data: dict[str, Any], registry: Registry, source: str = "<experiment
             evaluators.append(validated)
 
     if experiment is not None:
+        if method_component is not None:
+            declared = {BIAS_AND_NORM, *method_component.recipe.get("param_groups", {})}
+            for group in experiment.train.param_groups:
+                if group not in declared:
+                    errors.add(("train", "param_groups", group),
+                               f"method '{method_name}' has no parameter group '{group}'"
+                               f"{did_you_mean(group, declared)}")
         if experiment.scaling.backend == "local" and experiment.scaling.num_workers != 1:
             errors.add(("scaling", "num_workers"), f"the local backend runs one worker, not "
                                                    f"{experiment.scaling.num_workers}; use backend: ray for more")
@@ -332,7 +305,71 @@ def resolve(data: dict[str, Any], registry: Registry, source: str = "<experiment
                        f"{experiment.scaling.num_workers} workers (scaling.num_workers); use a multiple of it")
     errors.raise_if_any()
     return Resolved(experiment=cast(Experiment, experiment),  # not None: its errors were raised
-                    blocks=blocks, evaluators=evaluators, source=source)
+                    blocks=blocks, evaluators=evaluators, source=source, lines=dict(lines or {}))
+
+
+def merge_recipe(recipe: dict[str, Any], given: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``train`` block that runs: the method's ``recipe`` overridden key by key by the experiment's
+    (``optimizer`` too, unless it names another optimizer; each of ``param_groups`` key by key)."""
+    out = copy.deepcopy(recipe)
+    for key, value in (given or {}).items():
+        if key == "optimizer" and "optimizer" in out:
+            out[key] = _merge_default(out[key], _as_block(value))
+        elif key == "param_groups" and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **{group: ({**out[key].get(group, {}), **settings}
+                                               if isinstance(settings, dict) else settings)
+                                       for group, settings in value.items()}}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _resolve_slots(errors: _Errors, registry: Registry, method: Component, data: dict[str, Any],
+                   blocks: dict[str, Block]) -> None:
+    """Fill each slot of ``method`` with its default under what the file gives, validate the block, and check
+    that its component fits the slot: the protocol the slot needs, and indices for a source that needs them."""
+    for slot, kind in SLOT_KINDS.items():
+        given = data.get(slot)
+        if slot not in method.slots:
+            if given is not None:
+                errors.add((slot,), f"method '{method.name}' does not use a '{slot}' block; remove it "
+                                    f"(it uses: {', '.join(method.slots) or 'none'})")
+            continue
+        needs = method.slots[slot].needs
+        validated = _validate_block(errors, registry, kind, (slot,), _merge_default(dict(method.slots[slot].default),
+                                                                                    given))
+        if validated is None:
+            continue
+        component = registry.get(kind, validated["name"])
+        kinds = "losses" if kind == "loss" else kind.replace("_", " ") + "s"
+        if not component.meets(needs):
+            fitting = sorted(c.name for c in registry.components[kind].values() if c.meets(needs))
+            errors.add((slot, "name"), f"method '{method.name}' needs {_describe(needs)} in its {slot} slot and "
+                                       f"'{component.name}' is {_what(component)}; {kinds} that fit: "
+                                       f"{', '.join(fitting) or 'none registered'}")
+            continue
+        if kind == "negative_source" and component.capability("needs_index") and \
+                method.capability("uses_index") is False:
+            fitting = sorted(c.name for c in registry.components[kind].values() if not c.capability("needs_index"))
+            errors.add((slot, "name"), f"'{component.name}' needs each image's dataset index and method "
+                                       f"'{method.name}' gives none (it does not declare uses_index); "
+                                       f"{kinds} that fit: {', '.join(fitting) or 'none registered'}")
+            continue
+        blocks[slot] = validated
+
+
+def _describe(protocol: type) -> str:
+    """``PairedLoss (a paired loss: loss(z1, z2), ...)``: a protocol's name and the first line of its doc."""
+    first = (protocol.__doc__ or "").strip().splitlines()[0].rstrip(".")
+    return f"{protocol.__name__} ({first[0].lower()}{first[1:]})" if first else protocol.__name__
+
+
+def _what(component: Component) -> str:
+    """What a component declares itself to be: the most specific protocol of its kind in its class's MRO."""
+    base = KIND_PROTOCOLS.get(component.kind)
+    mine = [c for c in getattr(component.provides, "__mro__", ()) if getattr(c, "_is_protocol", False)
+            and base in c.__mro__ and c is not base]
+    return f"a {mine[0].__name__}" if mine else f"a plain {base.__name__ if base else component.kind}"
 
 
 def _merge_default(default: Block, given: Any) -> Any:
@@ -343,7 +380,7 @@ def _merge_default(default: Block, given: Any) -> Any:
     return given
 
 
-def _validate_block(errors: _Errors, registry: Registry | None, kind: str, loc: Loc, block: Any) -> Block | None:
+def _validate_block(errors: _Errors, registry: Registry, kind: str, loc: Loc, block: Any) -> Block | None:
     """Check one ``{name: ..., **params}`` block; nested dataset blocks (``data:``) are checked too."""
     if block is None:
         return None  # a missing required block is reported by the structural pass
@@ -354,13 +391,9 @@ def _validate_block(errors: _Errors, registry: Registry | None, kind: str, loc: 
     if not isinstance(name, str):
         errors.add(loc, f"the {kind.replace('_', ' ')} block needs a 'name'")
         return None
-    if registry is None:
-        choices = OPTIMIZERS
-        model = OPTIMIZERS.get(name)
-    else:
-        choices = registry.components[kind]
-        component = choices.get(name)
-        model = component.config if component else None
+    choices = registry.components[kind]
+    component = choices.get(name)
+    model = component.config if component else None
     if model is None:
         errors.add((*loc, "name"), f"unknown {kind.replace('_', ' ')} '{name}'{did_you_mean(name, choices)}")
         return None
@@ -374,7 +407,7 @@ def _validate_block(errors: _Errors, registry: Registry | None, kind: str, loc: 
     for key, info in model.model_fields.items():
         nested_kind = (info.json_schema_extra or {}).get("sslcore_kind") if isinstance(
             info.json_schema_extra, dict) else None
-        if nested_kind and out.get(key) is not None and registry is not None:
+        if nested_kind and out.get(key) is not None:
             nested = _validate_block(errors, registry, nested_kind, (*loc, key), _as_block(params.get(key)))
             if nested is None:
                 return None

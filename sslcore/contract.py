@@ -6,7 +6,6 @@ images made here) and exercises the interface documented in :mod:`sslcore.api.ho
 
 from __future__ import annotations
 
-import inspect
 import pickle
 import tempfile
 from collections.abc import Callable
@@ -18,8 +17,10 @@ import torch
 from PIL import Image
 
 from sslcore.api.errors import UserError
+from sslcore.api.hookspecs import PairedLoss
+from sslcore.api.recipe import TrainingStep
 from sslcore.engine.context import EvalContext, MethodContext
-from sslcore.registry import Registry
+from sslcore.registry import KIND_PROTOCOLS, Registry, missing_members
 
 
 def _image(seed: int = 0, size: int = 32) -> np.ndarray:
@@ -34,26 +35,38 @@ def _image_folder(root: Path, classes: int = 2, per_class: int = 4) -> Path:
     return root
 
 
+def _meets(name: str, kind: str, obj: Any) -> None:
+    protocol = KIND_PROTOCOLS[kind]
+    if not isinstance(obj, protocol):
+        raise AssertionError(f"{name}: does not meet the {protocol.__name__} protocol (sslcore.api.hookspecs): it "
+                             f"lacks {', '.join(missing_members(obj, protocol))}")
+
+
 def _check_augmentation(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
     aug = build({})
+    _meets(name, "augmentation", aug)
     aug.set_seed(0)
     views = aug.views(_image())
-    if len(views) != aug.num_views:
-        raise AssertionError(f"{name}: views() returned {len(views)} views, num_views is {aug.num_views}")
+    if [tuple(v.shape) for v in views] != [(3, s, s) for s in aug.view_sizes]:
+        raise AssertionError(f"{name}: views() must return one 3 x S x S tensor per entry of view_sizes "
+                             f"{list(aug.view_sizes)}, got {[tuple(v.shape) for v in views]}")
     for view in views:
-        if not (view.dtype == torch.float32 and view.ndim == 3 and view.shape[0] == 3):
-            raise AssertionError(f"{name}: a view must be a 3 x S x S float tensor, got {view.shape} {view.dtype}")
+        if view.dtype != torch.float32:
+            raise AssertionError(f"{name}: a view must be a float32 tensor, got {view.dtype}")
     aug.set_seed(0)
     if not all(torch.equal(a, b) for a, b in zip(views, aug.views(_image()))):
         raise AssertionError(f"{name}: set_seed does not make views reproducible")
-    if aug.eval(_image()).shape[0] != 3:
-        raise AssertionError(f"{name}: eval() must return a 3 x S x S tensor")
+    for transform in (aug.eval, aug.labelled):
+        if tuple(transform(_image()).shape) != (3, aug.eval_size, aug.eval_size):
+            raise AssertionError(f"{name}: eval() and labelled() must return 3 x eval_size x eval_size tensors")
     pickle.loads(pickle.dumps(aug))
 
 
 def _check_encoder(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
     encoder = build({})
-    out = encoder(torch.randn(2, 3, 32, 32))
+    _meets(name, "encoder", encoder)
+    size = encoder.input_size or 32
+    out = encoder(torch.randn(2, 3, size, size))
     if out.shape != (2, encoder.feature_dim):
         raise AssertionError(f"{name}: output {tuple(out.shape)}, expected (2, feature_dim={encoder.feature_dim})")
     out.sum().backward()
@@ -63,16 +76,17 @@ def _check_encoder(registry: Registry, name: str, build: Callable[..., Any], tmp
 
 def _check_negative_source(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
     source = build({}, dim=8, global_batch_size=4, dataset_size=16)
+    _meets(name, "negative_source", source)
     q = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
     k = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
-    index = torch.tensor([3, 0, 9, 15])  # the images' dataset indices
+    # the images' dataset indices, as a method that declares uses_index gives them; None from the others
+    index = torch.tensor([3, 0, 9, 15]) if source.needs_index else None
     negatives, exclude = source.negatives(q, k, index)
     if negatives.ndim != 2 or negatives.shape[1] != 8:
         raise AssertionError(f"{name}: negatives must be K x D, got {tuple(negatives.shape)}")
     if exclude is not None and exclude.shape != (4, negatives.shape[0]):
         raise AssertionError(f"{name}: exclude must be N x K, got {tuple(exclude.shape)}")
-    positive = getattr(source, "positive", None)
-    if positive is not None and positive(k, index).shape != k.shape:
+    if source.positive(k, index).shape != k.shape:
         raise AssertionError(f"{name}: positive(k, index) must be N x D like k")
     source.update(k, index)
     clone = build({}, dim=8, global_batch_size=4, dataset_size=16)
@@ -81,9 +95,10 @@ def _check_negative_source(registry: Registry, name: str, build: Callable[..., A
 
 def _check_loss(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
     loss_fn = build({})
+    _meets(name, "loss", loss_fn)
     q = torch.nn.functional.normalize(torch.randn(4, 8), dim=1).requires_grad_()
     k = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
-    if is_paired_loss(loss_fn):  # loss(z1, z2): the embeddings of two views
+    if registry.get("loss", name).meets(PairedLoss):  # loss(z1, z2), as its class declares
         k.requires_grad_()
         loss = loss_fn(q, k)
     else:  # loss(q, k, negatives, exclude)
@@ -93,15 +108,9 @@ def _check_loss(registry: Registry, name: str, build: Callable[..., Any], tmp: P
     loss.backward()
     if q.grad is None:
         raise AssertionError(f"{name}: no gradient reached the queries")
-
-
-def is_paired_loss(loss_fn: torch.nn.Module) -> bool:
-    """True for a loss called ``loss(z1, z2)`` (two required arguments), False for a contrastive
-    ``loss(q, k, negatives, exclude)``."""
-    parameters = inspect.signature(loss_fn.forward).parameters.values()
-    required = [p for p in parameters if p.default is inspect.Parameter.empty
-                and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    return len(required) == 2
+    metrics = loss_fn.metrics()
+    if not all(isinstance(v, torch.Tensor) and v.ndim == 0 and not v.requires_grad for v in metrics.values()):
+        raise AssertionError(f"{name}: metrics() must return detached 0-dim tensors, got {metrics}")
 
 
 def _check_dataset(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
@@ -120,6 +129,9 @@ def _check_dataset(registry: Registry, name: str, build: Callable[..., Any], tmp
         listing.write_text("\n".join(str(p) for p in sorted(root.rglob("*.png"))))
         params = {"path": str(listing)}
     dataset = build(params)
+    _meets(name, "dataset", dataset)
+    if len(dataset.targets) != len(dataset):
+        raise AssertionError(f"{name}: targets must hold every item's label")
     image, label = dataset[0]
     if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
         raise AssertionError(f"{name}: items must be H x W x 3 uint8 arrays")
@@ -131,6 +143,7 @@ def _check_evaluator(registry: Registry, name: str, build: Callable[..., Any], t
     root = _image_folder(tmp / "eval_images", per_class=16)  # low_shot_svm's default k goes up to 16
     block = {"name": "image_folder", "root": str(root)}
     evaluator = build({"data": block})
+    _meets(name, "evaluator", evaluator)
     aug = registry.get("augmentation", "moco_v2").build({"size": 32})
     context = EvalContext(registry=registry, eval_transform=aug.eval, train_data=block,
                           device=torch.device("cpu"), batch_size=4, num_workers=0, run_dir=tmp)
@@ -142,6 +155,7 @@ def _check_evaluator(registry: Registry, name: str, build: Callable[..., Any], t
 
 def _check_clustering(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
     clustering = build({"num_clusters": [4, 8]})  # two granularities, small enough for 64 samples
+    _meets(name, "clustering", clustering)
     if list(clustering.num_clusters) != [4, 8]:
         raise AssertionError(f"{name}: num_clusters must list K of each granularity, got {clustering.num_clusters}")
     results = clustering.fit(torch.nn.functional.normalize(torch.randn(64, 8), dim=1))
@@ -160,35 +174,63 @@ def _check_clustering(registry: Registry, name: str, build: Callable[..., Any], 
 
 def _check_method(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
     from sslcore.config import resolve
-    from sslcore.engine.loop import build_method
+    from sslcore.engine.build import build_method, build_optimization
 
-    batch = 16  # MoCo's default 8 BN groups need at least 2 samples each
-    # ``method: NAME`` alone, resolved as an experiment file would be: the method's slot defaults
-    experiment = resolve({"method": name, "data": {"name": "image_folder", "root": str(tmp)}}, registry).as_dict()
-    encoder = experiment.get("encoder")
-    if encoder is not None and "image_size" in encoder:  # an encoder built for one image size (a ViT): 32 px here
-        encoder["image_size"] = 32
+    batch = 16  # MoCo's default 8 BN groups need 2 samples each
+    data = {"name": "image_folder", "root": str(tmp)}  # not read: the dataset size is given
+    # ``method: NAME`` alone, resolved as an experiment file would be: the method's slot defaults and recipe,
+    # at 32 px (an encoder built for one image size, a ViT, too) and this batch
+    overrides = {"train": {"batch_size": batch}, "augmentation": {"size": 32}}
+    component = registry.get("method", name)
+    if "image_size" in component.slots["encoder"].default:
+        overrides["encoder"] = {"image_size": 32}
+    experiment = resolve({"method": name, "data": data, **overrides}, registry).as_dict()
     context = MethodContext(world_size=1, rank=0, global_batch_size=batch, steps_per_epoch=2, epochs=1,
-                            device=torch.device("cpu"), registry=registry, dataset_size=batch)
+                            device=torch.device("cpu"), dataset_size=batch, registry=registry)
     method = build_method(experiment, registry, context)
-    aug = registry.build("augmentation", {**experiment.get("augmentation", {"name": "moco_v2"}), "size": 32})
+    _meets(name, "method", method)
+    if not isinstance(method.backbone, torch.nn.Module):
+        raise AssertionError(f"{name}: the method must expose its encoder as .backbone")
+    optimization = build_optimization(method, experiment, registry, steps_per_epoch=2, total_steps=2)
+    aug = registry.build("augmentation", experiment["augmentation"])
     views = [torch.stack(v) for v in zip(*(aug.views(_image(i)) for i in range(batch)))]
-    # as sslcore's loop: the images' dataset indices for a forward that takes them
-    takes_index = "index" in inspect.signature(method.forward).parameters
-    out = method(views, index=torch.arange(batch)) if takes_index else method(views)
+    out = method(views, torch.arange(batch)) if method.uses_index else method(views)
     loss = out["loss"]
     if loss.ndim != 0 or not torch.isfinite(loss):
         raise AssertionError(f"{name}: forward() must return a finite scalar 'loss', got {loss}")
+    if not all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in out.values()):
+        raise AssertionError(f"{name}: forward() must return 0-dim tensors, got {sorted(out)}")
     loss.backward()
     if not any(p.grad is not None for p in method.parameters()):
         raise AssertionError(f"{name}: no gradient reached the parameters")
-    if not isinstance(method.backbone, torch.nn.Module):
-        raise AssertionError(f"{name}: the method must expose its encoder as .backbone")
+    step = TrainingStep(index=0, epoch=0, steps_per_epoch=2, total_steps=2,
+                        values={key: s.at(0, 2, 2) for key, s in method.schedules().items()})
+    method.before_optimizer_step(step)
+    optimization.optimizer.step()
+    method.after_optimizer_step(step)
+
+
+def _check_optimizer(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    weights, rest = [model[0].weight], [model[0].bias, *model[1].parameters()]
+    groups = [{"params": weights, "lr": 0.1, "weight_decay": 1e-4, "lars_exclude": False},
+              {"params": rest, "lr": 0.01, "weight_decay": 0.0, "lars_exclude": True}]
+    optimizer = build({}, param_groups=groups)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise AssertionError(f"{name}: the factory must return a torch.optim.Optimizer")
+    if [g["lr"] for g in optimizer.param_groups] != [0.1, 0.01]:
+        raise AssertionError(f"{name}: each parameter group must keep the lr the engine gives it")
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(8, 4)).square().sum().backward()
+    optimizer.step()
+    if all(torch.equal(a, b) for a, b in zip(before, model.parameters())):
+        raise AssertionError(f"{name}: a step moved no parameter")
 
 
 CHECKS = {"augmentation": _check_augmentation, "encoder": _check_encoder,
           "negative_source": _check_negative_source, "loss": _check_loss, "dataset": _check_dataset,
-          "evaluator": _check_evaluator, "clustering": _check_clustering, "method": _check_method}
+          "evaluator": _check_evaluator, "clustering": _check_clustering, "method": _check_method,
+          "optimizer": _check_optimizer}
 
 
 def check(registry: Registry, kind: str, name: str) -> None:

@@ -27,6 +27,19 @@ from pydantic import BaseModel, ConfigDict
 
 from sslcore.api import hookspecs
 from sslcore.api.errors import PluginError, UserError
+from sslcore.api.hookspecs import (
+    Augmentation,
+    Clustering,
+    ContrastiveLoss,
+    Dataset,
+    Encoder,
+    Evaluator,
+    Loss,
+    Method,
+    NegativeSource,
+    PairedLoss,
+    Slot,
+)
 
 ENTRY_POINT_GROUP = "sslcore"
 DISABLE_AUTOLOAD_ENV = "SSLCORE_DISABLE_PLUGIN_AUTOLOAD"
@@ -40,8 +53,18 @@ KIND_HOOKS: dict[str, str] = {
     "loss": "register_losses",
     "evaluator": "register_evaluators",
     "dataset": "register_datasets",
+    "optimizer": "register_optimizers",
     "method": "register_methods",
 }
+
+#: component kind -> the protocol every component of the kind meets (optimizers: torch.optim.Optimizer)
+KIND_PROTOCOLS: dict[str, type] = {
+    "augmentation": Augmentation, "encoder": Encoder, "negative_source": NegativeSource, "loss": Loss,
+    "clustering": Clustering, "evaluator": Evaluator, "dataset": Dataset, "method": Method,
+}
+
+#: the two calls a loss may have; every loss declares one by subclassing it
+LOSS_CALLS = (ContrastiveLoss, PairedLoss)
 
 BUILTIN_MODULES = (
     "sslcore.components.augmentations",
@@ -52,6 +75,7 @@ BUILTIN_MODULES = (
     "sslcore.components.evaluators",
     "sslcore.components.probes",
     "sslcore.components.datasets",
+    "sslcore.components.optimizers",
 )
 
 SLOT_KINDS = {"encoder": "encoder", "augmentation": "augmentation", "negatives": "negative_source",
@@ -64,7 +88,11 @@ class _NoParams(BaseModel):
 
 @dataclass(frozen=True)
 class Component:
-    """One registered component: what a ``{name: ...}`` block in the experiment file refers to."""
+    """One registered component: what a ``{name: ...}`` block in the experiment file refers to.
+
+    ``provides``: the class the factory returns (the factory itself when it is a class), None when not
+    declared; ``slots`` and ``recipe``: a method's slots and default ``train`` block.
+    """
 
     kind: str
     name: str
@@ -72,12 +100,26 @@ class Component:
     config: type[BaseModel]
     plugin: str
     distribution: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    provides: type | None = None
+    slots: dict[str, Slot] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     def build(self, params: BaseModel | dict[str, Any], **kwargs: Any) -> Any:
         if not isinstance(params, BaseModel):
             params = self.config.model_validate(params)
         return self.factory(params, **kwargs)
+
+    def meets(self, protocol: type) -> bool:
+        """Whether this component fits a slot that needs ``protocol``: every component meets its kind's
+        protocol (checked on the built object); a refinement (PatchEncoder, PairedLoss) only when its class
+        declares it by subclassing."""
+        return protocol is KIND_PROTOCOLS.get(self.kind) or protocol in getattr(self.provides, "__mro__", ())
+
+    def capability(self, name: str) -> bool | None:
+        """A capability its class declares (``needs_index``, ``uses_index``); None when its class is not known
+        before it is built (a factory function registered without ``provides``); undeclared: the protocol's default,
+        False."""
+        return None if self.provides is None else bool(getattr(self.provides, name, False))
 
 
 @dataclass
@@ -203,23 +245,29 @@ class Registry:
         self.plugins = [p for p in self.plugins if p.name != name]
 
     def _register_callback(self, kind: str, info: PluginInfo, staged: list[Component]) -> Callable[..., None]:
-        def register(name: str, factory: Callable[..., Any], config: type[BaseModel] | None = None,
-                     **extra: Any) -> None:
+        hook = KIND_HOOKS[kind]
+
+        def register(name: str, factory: Callable[..., Any], *, config: type[BaseModel] | None = None,
+                     provides: type | None = None, **method: Any) -> None:
             if not isinstance(name, str) or not name:
-                raise TypeError(f"{KIND_HOOKS[kind]}: name must be a non-empty string, got {name!r}")
+                raise TypeError(f"{hook}: name must be a non-empty string, got {name!r}")
             if not callable(factory):
-                raise TypeError(f"{KIND_HOOKS[kind]}: factory for '{name}' is not callable")
+                raise TypeError(f"{hook}: factory for '{name}' is not callable")
             if config is not None and not (isinstance(config, type) and issubclass(config, BaseModel)):
-                raise TypeError(f"{KIND_HOOKS[kind]}: config for '{name}' must be a pydantic model class")
-            if kind == "method":
-                slots = extra.get("slots", {})
-                unknown = set(slots) - set(SLOT_KINDS)
-                if unknown:
-                    raise TypeError(f"method '{name}' declares unknown slots {sorted(unknown)}; "
-                                    f"valid slots: {sorted(SLOT_KINDS)}")
-            staged.append(Component(kind=kind, name=name, factory=factory,
-                                    config=_forbid_extra(config or _NoParams), plugin=info.name,
-                                    distribution=info.distribution, extra=extra))
+                raise TypeError(f"{hook}: config for '{name}' must be a pydantic model class")
+            provides = provides or (factory if isinstance(factory, type) else None)
+            if kind == "loss" and not any(call in getattr(provides, "__mro__", ()) for call in LOSS_CALLS):
+                raise TypeError(f"loss '{name}': declare its call by subclassing sslcore.api.hookspecs."
+                                "ContrastiveLoss (loss(q, k, negatives, exclude)) or PairedLoss (loss(z1, z2)), "
+                                "or pass provides= that class")
+            if kind == "optimizer" and not {"lr", "weight_decay"} <= set(getattr(config, "model_fields", {})):
+                raise TypeError(f"optimizer '{name}': its config must have 'lr' and 'weight_decay' fields")
+            slots, recipe = _method_declarations(name, method) if kind == "method" else ({}, {})
+            if method and kind != "method":
+                raise TypeError(f"{hook}: unexpected keyword arguments {sorted(method)} for '{name}'")
+            staged.append(Component(kind=kind, name=name, factory=factory, config=_forbid_extra(config or _NoParams),
+                                    plugin=info.name, distribution=info.distribution, provides=provides,
+                                    slots=slots, recipe=recipe))
         return register
 
     def _check_clashes(self, staged: list[Component]) -> None:
@@ -262,6 +310,42 @@ class Registry:
         except KeyError:
             raise UserError(f"unknown {kind.replace('_', ' ')} '{name}'"
                             f"{did_you_mean(name, self.components[kind])}") from None
+
+
+def missing_members(obj: Any, protocol: type) -> list[str]:
+    """The attributes and methods of ``protocol`` that ``obj`` lacks (why ``isinstance(obj, protocol)`` fails)."""
+    members: set[str] = set()
+    for base in protocol.__mro__:
+        if getattr(base, "_is_protocol", False) and base.__module__ == hookspecs.__name__:
+            members |= {name for name in (*vars(base), *getattr(base, "__annotations__", {}))
+                        if not name.startswith("_") or name in ("__call__", "__len__", "__getitem__")}
+    return sorted(name for name in members if not hasattr(obj, name))
+
+
+def _method_declarations(name: str, method: dict[str, Any]) -> tuple[dict[str, Slot], dict[str, Any]]:
+    """A method's ``slots`` and ``recipe``, checked: known slot names, each a :class:`Slot` whose protocol
+    is its kind's or a refinement of it, and a recipe that is a valid ``train`` block."""
+    from pydantic import ValidationError
+
+    from sslcore.api.recipe import TrainConfig
+
+    unknown = set(method) - {"slots", "recipe"}
+    if unknown:
+        raise TypeError(f"register_methods: unexpected keyword arguments {sorted(unknown)} for '{name}'")
+    slots, recipe = dict(method.get("slots") or {}), dict(method.get("recipe") or {})
+    for slot, declared in slots.items():
+        if slot not in SLOT_KINDS:
+            raise TypeError(f"method '{name}' declares unknown slot '{slot}'; valid slots: {sorted(SLOT_KINDS)}")
+        protocol = KIND_PROTOCOLS[SLOT_KINDS[slot]]
+        if not isinstance(declared, Slot) or protocol not in getattr(declared.needs, "__mro__", ()):
+            raise TypeError(f"method '{name}': slot '{slot}' must be a Slot(protocol, default block) whose protocol "
+                            f"is {protocol.__name__} or a refinement of it, got {declared!r}")
+    try:
+        TrainConfig.model_validate(recipe)
+    except ValidationError as exc:
+        raise TypeError(f"method '{name}': its recipe is not a valid train block: "
+                        f"{_one_line(exc)}") from None
+    return slots, recipe
 
 
 def _one_line(exc: BaseException) -> str:

@@ -115,8 +115,12 @@ def _distributed_entry(rank: int, fn: Any, args: tuple[Any, ...], world_size: in
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(tmp) / f"rank{rank}.pt")
+        dist.barrier()  # no worker tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
+    # Skip the interpreter's teardown: gloo's threads, destroyed there, abort a loaded machine's process now and
+    # then ("terminate called without an active exception", SIGABRT) after its work is done and saved.
+    os._exit(0)
 
 
 #: shrink an example experiment to two steps of one epoch on 100 training images (10 per class)
@@ -160,13 +164,30 @@ def run_example_briefly(example: Path, cifar10_dir: Path, tmp_path: Path, *overr
 
 
 def tiny_encoder(feature_dim: int = 8) -> Any:
-    """A conv, a ReLU and global pooling, with ``feature_dim``: an encoder without BatchNorm for method
-    tests (no statistic couples the samples of a batch), fast on one thread."""
+    """A conv, a ReLU and global pooling, with ``feature_dim`` and ``input_size`` None (an Encoder): an
+    encoder without BatchNorm for method tests (no statistic couples the samples of a batch), fast on one
+    thread."""
     from torch import nn
 
     encoder = nn.Sequential(nn.Conv2d(3, feature_dim, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     encoder.feature_dim = feature_dim
+    encoder.input_size = None
     return encoder
+
+
+def built_slots(**components: Any) -> Any:
+    """A :class:`sslcore.api.hookspecs.Slots` that hands a method's factory the given, already built
+    components (``encoder=tiny_encoder(), loss=...``), for tests that construct a method directly: the test
+    builds each with the sizes the method would ask for (a negative source's ``dim``)."""
+    return _BuiltSlots(components)
+
+
+class _BuiltSlots:
+    def __init__(self, components: dict[str, Any]) -> None:
+        self.components = components
+
+    def build(self, slot: str, **sizes: Any) -> Any:
+        return self.components[slot]
 
 
 def check_plugin(registry: Any, module: str, components: list[tuple[str, str]]) -> None:

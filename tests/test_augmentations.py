@@ -27,7 +27,7 @@ def moco_v2(**params) -> MoCoV2Augmentation:
 def test_views_are_two_normalized_float_tensors(image):
     augmentation = moco_v2(size=32)
     views = augmentation.views(image)
-    assert augmentation.num_views == 2 and len(views) == 2
+    assert augmentation.view_sizes == [32, 32] and len(views) == 2
     for view in views:
         assert view.shape == (3, 32, 32) and view.dtype == torch.float32
     assert not torch.equal(views[0], views[1])

@@ -148,9 +148,9 @@ def test_queue_not_a_multiple_of_the_global_batch_is_a_config_error(tmp_path: Pa
 
     resolved = load_experiment(write(tmp_path, GOOD.replace("size: 4096", "size: 4000")), registry)
     with pytest.raises(ConfigError) as info:
-        dry_build(resolved, registry)
+        dry_build(resolved, registry, dataset_size=1000)
     (line,) = info.value.lines
-    assert line.startswith(f"{tmp_path / 'experiment.yaml'}: negatives: queue size 4000")
+    assert line.startswith(f"{tmp_path / 'experiment.yaml'}:4: negatives: queue size 4000")
     assert "3840" in line and "4096" in line
 
 

@@ -119,11 +119,10 @@ def test_the_positive_is_the_images_own_entry_as_in_instdisc() -> None:
 def test_moco_contrasts_each_query_with_its_bank_entry(registry) -> None:
     """MoCo's loss with a memory bank is InfoNCE of q against v_index (positive) and the drawn entries, written
     out here: -log exp(q.v_i / t) / (exp(q.v_i / t) + sum over drawn j != i of exp(q.v_j / t))."""
-    from sslcore.engine.context import MethodContext
-    from sslcore.testing import tiny_encoder
-
-    pytest.importorskip("sslcore_moco")
     from sslcore_moco import MoCo, MoCoConfig
+
+    from sslcore.engine.context import MethodContext
+    from sslcore.testing import built_slots, tiny_encoder
 
     torch.manual_seed(0)
     context = MethodContext(world_size=1, rank=0, global_batch_size=4, steps_per_epoch=1, epochs=1,
@@ -131,7 +130,7 @@ def test_moco_contrasts_each_query_with_its_bank_entry(registry) -> None:
     bank = MemoryBankNegatives(MemoryBankConfig(num_negatives=32), dim=8, global_batch_size=4, dataset_size=16)
     loss = registry.build("loss", {"name": "info_nce", "temperature": 0.2})
     moco = MoCo(MoCoConfig(momentum=0.0, dim=8, head_hidden_dim=16, shuffle_bn="off"), context=context,
-                encoder=tiny_encoder(), negatives=bank, loss=loss)
+                slots=built_slots(encoder=tiny_encoder(), negatives=bank, loss=loss))
     index = torch.tensor([2, 7, 11, 2])
     entries, ids = bank.bank.clone(), bank.draw()
     views = [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)]
@@ -165,13 +164,9 @@ def test_state_dict_round_trip_restores_bank_and_draws(tmp_path: Path) -> None:
     restored.load_state_dict(torch.load(tmp_path / "bank.pt", weights_only=True))
     assert torch.equal(restored.bank, source.bank) and int(restored.step) == 3
     assert torch.equal(restored.draw(), source.draw())
-
-    # built where the dataset size is unknown (sslcore export's dry build): takes the stored size
-    unsized = make_bank(dataset_size=0)
-    unsized.load_state_dict(torch.load(tmp_path / "bank.pt", weights_only=True))
-    assert torch.equal(unsized.bank, source.bank)
-    with pytest.raises(TrainingError, match="dataset_size=0"):
-        make_bank(dataset_size=0).negatives(unit(2, seed=1), unit(2, seed=2), torch.tensor([0, 1]))
+    # a bank of another size (the data changed) does not load
+    with pytest.raises(RuntimeError, match="size mismatch for bank"):
+        make_bank(dataset_size=8).load_state_dict(torch.load(tmp_path / "bank.pt", weights_only=True))
 
 
 # -- two real processes over gloo ------------------------------------------------------------------------

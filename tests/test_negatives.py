@@ -18,7 +18,7 @@ DIM = 4
 
 
 def make_queue(size: int, global_batch_size: int) -> QueueNegatives:
-    return QueueNegatives(QueueConfig(size=size), dim=DIM, global_batch_size=global_batch_size)
+    return QueueNegatives(QueueConfig(size=size), dim=DIM, global_batch_size=global_batch_size, dataset_size=0)
 
 
 def batch(first: int, n: int) -> torch.Tensor:
@@ -80,7 +80,7 @@ def test_queue_size_must_be_a_multiple_of_the_global_batch():
 
 
 def test_in_batch_excludes_each_query_own_key():
-    source = InBatchNegatives(InBatchConfig(), dim=DIM, global_batch_size=3)
+    source = InBatchNegatives(InBatchConfig(), dim=DIM, global_batch_size=3, dataset_size=0)
     k = torch.randn(3, DIM, requires_grad=True)
     negatives, exclude = source.negatives(torch.randn(3, DIM), k)
     assert torch.equal(negatives, k) and not negatives.requires_grad
@@ -96,7 +96,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     try:
         torch.manual_seed(0)  # the same initial queue on both ranks, as after DDP's broadcast
         queue = make_queue(8, 4)
-        in_batch = InBatchNegatives(InBatchConfig(), dim=DIM, global_batch_size=4)
+        in_batch = InBatchNegatives(InBatchConfig(), dim=DIM, global_batch_size=4, dataset_size=0)
         k = batch(100 * (rank + 1), 2)  # rank 0: 100, 101; rank 1: 200, 201
         negatives, exclude = in_batch.negatives(F.normalize(torch.randn(2, DIM)), k)
         queue.update(k)

@@ -26,10 +26,10 @@ from sslcore.components.probes import (
     fit_logistic_regression,
     linear_probe_fast,
     low_shot_svm,
-    plain_batchnorm,
     sample_per_class,
 )
 from sslcore.engine.context import EvalContext
+from sslcore.toolkit.batchnorm import plain_batchnorm
 
 torch.set_num_threads(1)
 

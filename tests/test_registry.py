@@ -17,13 +17,14 @@ LOSS_PLUGIN = """
 import torch
 from pydantic import BaseModel
 from sslcore import hookimpl
+from sslcore.api.hookspecs import ContrastiveLoss
 
 
 class ScaledConfig(BaseModel):
     scale: float = 1.0
 
 
-class Scaled(torch.nn.Module):
+class Scaled(torch.nn.Module, ContrastiveLoss):
     def __init__(self, config):
         super().__init__()
         self.scale = config.scale

@@ -1,172 +1,438 @@
-"""The hook specifications of sslcore: the whole plugin API on one page.
+"""The plugin API of sslcore on one page: the hook specs, and beside each the contract of what it registers.
 
 A plugin is a module with functions decorated by :data:`sslcore.hookimpl` whose names are the hooks
-below. Each hook receives ``register``, a callback owned by sslcore::
+below. Each hook receives ``register``, a callback owned by sslcore and typed per hook::
 
-    register(name: str, factory: Callable, config: type[pydantic.BaseModel] | None = None, **extra)
+    register(name, factory, *, config=None, provides=None)      # methods also take slots= and recipe=
 
-``name`` is what a user writes in the experiment file (``loss: {name: info_nce}``), ``factory`` builds
-the component, and ``config`` is the pydantic model its parameters are validated against (``extra="forbid"``
-is applied by sslcore when the model does not set it). The validated model instance is passed to the
-factory as its first argument. sslcore records which distribution registered each name and refuses a
-second registration of the same name of the same kind, naming both distributions.
+``name`` is what a user writes in the experiment file (``loss: {name: info_nce}``), ``factory`` builds the
+component from the validated instance of ``config``, a pydantic model of its parameters (``extra="forbid"``
+is applied by sslcore when the model does not set it). ``provides`` is the class the factory returns, when
+the factory is not that class itself. sslcore records which distribution registered each name and refuses
+a second registration of the same name of the same kind, naming both distributions.
 
-Built-in components are registered through these same hooks (see ``sslcore/components``).
-Plugins are ordinary Python code, imported and run with the user's rights: install only plugins you trust.
+What a component must provide is a :class:`typing.Protocol` beside its hook; :mod:`sslcore.contract` (and
+``sslcore.testing.check_component`` in a plugin's tests) checks a component against it on tiny inputs, and
+the engine checks every built component. Optional capabilities have defaults in the protocol class: a
+component gets them by subclassing the protocol (``class MyLoss(nn.Module, PairedLoss)``), or defines them.
+Subclassing is also how a component declares which of two protocols it meets where the call alone cannot
+tell (a contrastive or a paired loss) and which refinement (an encoder of patches, :class:`PatchEncoder`).
 
-Hooks run once, when the registry loads; the training step never goes through pluggy.
+A method names the protocol each of its slots needs (:class:`Slot`), so ``sslcore validate`` rejects a
+component that does not fit its slot, with the components that would; and it registers its recipe, the
+default ``train`` block (:mod:`sslcore.api.recipe`), so ``method: X`` alone is the paper's experiment.
+
+Built-in components are registered through these same hooks (``sslcore/components``). Plugins are
+ordinary Python code, imported and run with the user's rights: install only plugins you trust. Hooks run
+once, when the registry loads; the training step calls the built objects directly, never pluggy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import pluggy
 
+from sslcore.api.recipe import BIAS_AND_NORM, Schedule, TrainingStep
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from pydantic import BaseModel
+    from torch import Tensor, nn
+
+    from sslcore.engine.context import EvalContext, MethodContext
+
 hookspec = pluggy.HookspecMarker("sslcore")
 
-Register = Callable[..., None]
+__all__ = ["BIAS_AND_NORM", "Augmentation", "ClusterResult", "Clustering", "ContrastiveLoss", "Dataset",
+           "Encoder", "Evaluator", "Loss", "Method", "NegativeSource", "PairedLoss", "PatchEncoder", "Schedule",
+           "Slot", "Slots", "TrainingStep"]
+
+
+# -- augmentations ----------------------------------------------------------------------------------------
+
+@runtime_checkable
+class Augmentation(Protocol):
+    """Views of an image for training, and the transforms evaluators use.
+
+    ``image`` is always H x W x 3 uint8 (RGB); every output a float tensor 3 x S x S, normalised.
+    """
+
+    view_sizes: Sequence[int]  #: S of each view ``views`` returns, in order: as many views as sizes
+    eval_size: int  #: S of ``eval`` and ``labelled``
+
+    def views(self, image: np.ndarray) -> list[Tensor]:
+        """The training views of ``image``, view i of side ``view_sizes[i]``."""
+
+    def eval(self, image: np.ndarray) -> Tensor:
+        """The deterministic transform evaluators use (resize, center crop, normalize)."""
+
+    def labelled(self, image: np.ndarray) -> Tensor:
+        """The random crop and flip that evaluators training a classifier (linear_probe, finetune) use;
+        return ``self.eval(image)`` where a recipe has none."""
+
+    def set_seed(self, seed: int) -> None:
+        """Reseed the random generator (per DataLoader worker and per epoch: runs and resumes repeat)."""
 
 
 @hookspec
-def register_augmentations(register: Register) -> None:
-    """Register augmentation recipes (the ``augmentation`` block).
+def register_augmentations(register: RegisterAugmentation) -> None:
+    """Register augmentation recipes (the ``augmentation`` block): ``factory(config) -> Augmentation``.
 
-    ``factory(config) -> augmentation``, an object with:
-
-    - ``num_views: int`` — how many views ``views`` returns;
-    - ``views(image: np.ndarray) -> list[torch.Tensor]`` — ``image`` is H x W x 3 uint8 (RGB); each view is
-      a float tensor 3 x S x S, normalized;
-    - ``eval(image: np.ndarray) -> torch.Tensor`` — the deterministic transform used by evaluators
-      (resize, center crop, normalize);
-    - optional ``labelled(image: np.ndarray) -> torch.Tensor`` — the random crop and flip that evaluators
-      training a classifier (``linear_probe``, ``finetune``) use; without it they train on ``eval``;
-    - ``set_seed(seed: int) -> None`` — reseed the recipe's random generator (called per DataLoader worker
-      and per epoch, so that runs and resumes are reproducible).
+    The augmentation runs in the DataLoader workers; the engine builds it (methods do not).
     """
 
 
-@hookspec
-def register_encoders(register: Register) -> None:
-    """Register backbone encoders (the ``encoder`` block).
+# -- encoders ---------------------------------------------------------------------------------------------
 
-    ``factory(config) -> torch.nn.Module`` whose ``forward(x: N x 3 x H x W) -> N x feature_dim`` returns
-    pooled features, with an ``int`` attribute ``feature_dim`` that methods use to size their heads.
-    ``sslcore export`` writes the encoder's ``state_dict()``; the docstring of the encoder should say which
-    plain model it loads into.
+@runtime_checkable
+class Encoder(Protocol):
+    """A backbone: ``encoder(x: N x 3 x H x W) -> N x feature_dim`` pooled features (an ``nn.Module``)."""
+
+    feature_dim: int  #: the width of the features, which methods size their heads by
+    input_size: int | None  #: the one image side it accepts (a ViT's image_size); None: any side
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class PatchEncoder(Encoder, Protocol):
+    """An encoder of p x p patches (a ViT) whose pieces a method can run on a subset of the patches (MAE)."""
+
+    patch_size: int  #: p
+    grid_size: int  #: patches per side
+    num_patches: int  #: L = grid_size^2
+    position_embedding: Tensor  #: 1 x (1 + L) x D: the CLS token's, then the patches' in row-major order
+    class_token: Tensor  #: 1 x 1 x D
+    blocks: nn.Module  #: the Transformer blocks, N x T x D -> N x T x D for any T
+    norm: nn.Module  #: the norm after the last block
+
+    def embed_patches(self, x: Tensor) -> Tensor:
+        """x: N x 3 x input_size x input_size -> N x L x D, without position embeddings."""
+
+
+@hookspec
+def register_encoders(register: RegisterEncoder) -> None:
+    """Register backbone encoders (the ``encoder`` block): ``factory(config) -> Encoder``.
+
+    ``sslcore export`` writes the encoder's ``state_dict()``; its docstring should say which plain model it
+    loads into.
     """
 
 
+# -- negative sources -------------------------------------------------------------------------------------
+
+@runtime_checkable
+class NegativeSource(Protocol):
+    """Negatives for a contrastive loss (an ``nn.Module``: its state is in buffers, so checkpoints carry it).
+
+    ``q``, ``k``: N x D, this worker's queries and their positive keys, L2-normalised float32, detached keys;
+    ``index``: N long, the dataset ids of the batch's images (row i of q and k is image ``index[i]``), given
+    by methods that declare ``uses_index`` and None otherwise.
+    """
+
+    #: True when ``negatives``/``update`` need ``index`` (a memory bank); validate refuses such a source under
+    #: a method that does not give indices
+    needs_index: ClassVar[bool] = False
+
+    def negatives(self, q: Tensor, k: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``(negatives: K x D, exclude: N x K bool | None)`` for this step; ``exclude[i, j]`` is True where
+        negative j must not count for query i (its own key in the batch, its own image in a bank)."""
+
+    def update(self, k: Tensor, index: Tensor | None = None) -> None:
+        """After the loss, with this worker's keys; gather them across workers (``sslcore.toolkit.distributed``)
+        so that every worker holds the same state."""
+
+    def positive(self, k: Tensor, index: Tensor | None = None) -> Tensor:
+        """N x D, the positive each query is contrasted with: ``k`` itself, or what the source keeps of the
+        image (a memory bank: each image's own entry, as InstDisc)."""
+        return k
+
+
 @hookspec
-def register_negative_sources(register: Register) -> None:
-    """Register sources of negatives for contrastive losses (the ``negatives`` block).
+def register_negative_sources(register: RegisterNegativeSource) -> None:
+    """Register sources of negatives (the ``negatives`` block):
+    ``factory(config, *, dim, global_batch_size, dataset_size) -> NegativeSource``.
 
-    ``factory(config, *, dim: int, global_batch_size: int, dataset_size: int) -> torch.nn.Module`` with the
-    following; ``dim`` is the ``dim`` parameter of the method (the size of the embeddings the loss compares,
-    default 128) and ``dataset_size`` the number of training images, for per-image state such as a memory bank
-    (0 where it is not known: the method built on the driver to validate a config or to export a checkpoint).
-    A source without per-image state accepts ``dataset_size`` and ignores it.
-
-    - ``negatives(q: N x D, k: N x D, index: N long | None = None) -> (negatives: K x D, exclude: N x K bool |
-      None)`` — the negatives for this step; ``exclude[i, j]`` is True where negative ``j`` must not count for
-      query ``i`` (its own positive, for in-batch negatives; its own image, for a memory bank);
-    - ``update(k: N x D, index: N long | None = None) -> None`` — called after the loss with this worker's keys
-      (detached); the source gathers them across workers itself (``sslcore.toolkit.distributed``) so every worker holds
-      the same state;
-    - optional ``positive(k: N x D, index: N long | None = None) -> N x D`` — the positive key each query is
-      contrasted with, where the source keeps it (a memory bank: each image's own entry, as InstDisc);
-      methods use ``k`` itself when a source has no ``positive``.
-
-    ``index`` holds the dataset indices of the batch's images (row i of ``q`` and ``k`` is image ``index[i]``),
-    passed by methods whose ``forward`` takes ``index`` (MoCo, PCL); a source that needs it raises
-    ``sslcore.api.errors.TrainingError`` when it is None. State that must survive a resume (a queue, a memory bank)
-    lives in buffers, so it is checkpointed with the method. Raise ``ValueError`` from the factory for a
-    configuration that cannot work with this batch size; sslcore reports it as a config error on the
-    ``negatives`` block.
+    ``dim`` is the size of the embeddings the loss compares, given by the method that builds the slot;
+    ``global_batch_size`` and ``dataset_size`` (the number of training images, for per-image state) by the
+    engine. Raise ``ValueError`` for settings that cannot work (a queue that is not a multiple of the global
+    batch): sslcore reports it as a one-line config error on the ``negatives`` block.
     """
 
 
-@hookspec
-def register_clusterings(register: Register) -> None:
-    """Register clustering algorithms (the ``clustering`` block), used by methods such as PCL.
+# -- losses -----------------------------------------------------------------------------------------------
 
-    ``factory(config) -> clustering`` with ``num_clusters: list[int]`` (K of each granularity) and
-    ``fit(features: N x D tensor) -> list[sslcore.components.clustering.ClusterResult]``, one result per
-    granularity in that order: each sample's cluster, the L2-normalised centroids and each sample's
-    squared distance to its centroid. Raise ``ValueError`` for a setting the data cannot satisfy.
+@runtime_checkable
+class Loss(Protocol):
+    """A loss (an ``nn.Module`` returning a 0-dim tensor); declare its call by subclassing
+    :class:`ContrastiveLoss` or :class:`PairedLoss`. Inputs may be bf16 or fp16 under autocast: compute in
+    float32 where precision matters (logits over a small temperature)."""
+
+    def metrics(self) -> dict[str, Tensor]:
+        """0-dim terms of the last call, detached (VICReg's invariance, variance, covariance), which the
+        method returns with its loss so that they are tracked; none by default."""
+        return {}
+
+
+@runtime_checkable
+class ContrastiveLoss(Loss, Protocol):
+    """A contrastive loss: loss(q, k, negatives, exclude), each query against its key and K negatives."""
+
+    def forward(self, q: Tensor, k: Tensor, negatives: Tensor, exclude: Tensor | None = None) -> Tensor:
+        """``q``, ``k``: N x D L2-normalised (k detached), ``negatives``: K x D, ``exclude``: N x K bool or None
+        (True: that negative does not count for that query), as :class:`NegativeSource` gives them."""
+
+
+@runtime_checkable
+class PairedLoss(Loss, Protocol):
+    """A paired loss: loss(z1, z2), the embeddings of two views of the same N images."""
+
+    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        """``z1``, ``z2``: N x D, this worker's rows, as the method's heads output them (not normalised). A
+        loss over the global batch gathers it with ``sslcore.toolkit.distributed.gather_with_grad``."""
+
+
+@hookspec
+def register_losses(register: RegisterLoss) -> None:
+    """Register losses (the ``loss`` block): ``factory(config) -> ContrastiveLoss | PairedLoss``."""
+
+
+# -- clusterings ------------------------------------------------------------------------------------------
+
+@dataclass
+class ClusterResult:
+    """One granularity of a clustering: ``assignments`` N (long), ``centroids`` K x D (L2-normalised,
+    float32), ``norms`` K (the centroids' norms before normalisation) and ``distances`` N (float32: squared
+    L2 distance of each sample to its assigned centroid before normalisation)."""
+
+    assignments: torch.Tensor
+    centroids: torch.Tensor
+    norms: torch.Tensor
+    distances: torch.Tensor
+
+    @property
+    def num_clusters(self) -> int:
+        return self.centroids.shape[0]
+
+    def sizes(self) -> torch.Tensor:
+        """Z: K, the number of samples in each cluster."""
+        import torch
+
+        return torch.bincount(self.assignments, minlength=self.num_clusters)
+
+
+@runtime_checkable
+class Clustering(Protocol):
+    """A clustering of feature sets into one or more granularities (PCL's E-step)."""
+
+    num_clusters: Sequence[int]  #: K of each granularity
+
+    def fit(self, features: Tensor) -> list[ClusterResult]:
+        """``features``: N x D; one result per granularity, in the order of ``num_clusters``. Raise
+        ``ValueError`` for a setting the data cannot satisfy (more clusters than samples)."""
+
+
+@hookspec
+def register_clusterings(register: RegisterClustering) -> None:
+    """Register clustering algorithms (the ``clustering`` block): ``factory(config) -> Clustering``."""
+
+
+# -- evaluators -------------------------------------------------------------------------------------------
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """Scores a backbone; runs on rank 0 between epochs (backbone in eval mode) and through ``sslcore eval``.
+
+    It must leave the backbone as it found it (fine-tune a copy). The context builds datasets with the run's
+    eval transform (``dataset``, ``features``, ``labelled_features``, ``targets``) or its random crop and flip
+    (``dataset(block, augmented=True)``) and knows the device, precision (``autocast()``, ``to_device``),
+    batch size and DataLoader workers; pictures go to ``context.run_dir``.
     """
 
+    every_epochs: int  #: run after every this many epochs; 0: only at the end of training
 
-@hookspec
-def register_losses(register: Register) -> None:
-    """Register losses (the ``loss`` block).
-
-    ``factory(config) -> torch.nn.Module`` returning a scalar tensor, with one of two call signatures:
-
-    - contrastive, as MoCo calls it: ``loss(q: N x D, k: N x D, negatives: K x D, exclude: N x K bool | None)``;
-    - paired, as SimCLR, BYOL, Barlow Twins call it: ``loss(z1: N x D, z2: N x D)``, the embeddings of two
-      views of this worker's N images. A paired loss that needs the global batch (negatives from every
-      worker, statistics over all samples) gathers it with ``sslcore.toolkit.distributed.gather_with_grad``.
-
-    The method using a loss documents which signature it calls. Optional: ``last_terms: dict[str, Tensor]``,
-    the 0-dim terms of the last call (VICReg's invariance, variance, covariance), which methods that know
-    of it (Barlow Twins, VICReg) return with the loss so the engine tracks them.
-    """
+    def evaluate(self, backbone: nn.Module, context: EvalContext) -> dict[str, float]: ...
 
 
 @hookspec
-def register_evaluators(register: Register) -> None:
-    """Register evaluators (the ``evaluators`` list).
+def register_evaluators(register: RegisterEvaluator) -> None:
+    """Register evaluators (the ``evaluators`` list): ``factory(config) -> Evaluator``.
 
-    ``factory(config) -> evaluator`` with ``every_epochs: int`` (0: only at the end of training) and
-    ``evaluate(backbone: torch.nn.Module, context: sslcore.engine.EvalContext) -> dict[str, float]``.
-    Evaluators run on rank 0 between epochs with the backbone in eval mode, and afterwards through
-    ``sslcore eval``; an evaluator must leave the backbone as it found it (fine-tune a copy). The context
-    builds datasets with the run's eval transform (``dataset``, ``features``, ``labelled_features``,
-    ``targets``) or its random crop and flip (``dataset(block, augmented=True)``) and knows the device,
-    precision (``autocast()``, ``to_device(images)``), batch size and DataLoader workers. Metrics are
-    floats; pictures go to ``context.run_dir``. A parameter
-    that is itself a dataset block (``knn``'s ``data``) is declared with
+    A parameter that is itself a dataset block (``knn``'s ``data``) is declared with
     ``Field(json_schema_extra={"sslcore_kind": "dataset"})`` and validated like the ``data`` block.
     """
 
 
-@hookspec
-def register_datasets(register: Register) -> None:
-    """Register datasets (the ``data`` block, and the ``data`` of evaluators).
+# -- datasets ---------------------------------------------------------------------------------------------
 
-    ``factory(config) -> torch.utils.data.Dataset`` whose items are ``(image, label)``: ``image`` an
-    H x W x 3 uint8 numpy array (RGB; grayscale is converted), ``label`` an int, -1 when unlabeled.
-    The dataset exposes ``classes: list[str]`` (empty when unlabeled) and may expose ``targets`` (every
-    item's label, as torchvision's datasets do), which lets evaluators draw labelled subsets without
-    decoding every image. Items that cannot be decoded are
-    logged and skipped by sslcore's loader, so a dataset may raise ``sslcore.api.errors.UnreadableImage``.
+@runtime_checkable
+class Dataset(Protocol):
+    """Images and labels: item i is ``(image, label)``, an H x W x 3 uint8 RGB array (grayscale converted)
+    and an int, -1 when unlabelled. An image that cannot be decoded raises
+    ``sslcore.api.errors.UnreadableImage``: sslcore's loader logs it and skips to the next item."""
+
+    classes: Sequence[str]  #: the class names, empty when unlabelled
+    targets: Sequence[int]  #: every item's label without decoding it (-1: unlabelled), as torchvision has
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]: ...
+
+
+@hookspec
+def register_datasets(register: RegisterDataset) -> None:
+    """Register datasets (the ``data`` block and evaluators' ``data``): ``factory(config) -> Dataset``.
+
+    ``sslcore.toolkit.images.load_image`` decodes a file as sslcore expects (and raises ``UnreadableImage``).
     """
 
 
+# -- optimizers -------------------------------------------------------------------------------------------
+
 @hookspec
-def register_methods(register: Register) -> None:
-    """Register self-supervised methods (the ``method`` block).
+def register_optimizers(register: RegisterOptimizer) -> None:
+    """Register optimizers (the ``train.optimizer`` block):
+    ``factory(config, param_groups: list[dict]) -> torch.optim.Optimizer``.
 
-    ``register(name, factory, config=Model, slots={slot: default_block, ...})`` where ``slots`` names the
-    experiment blocks the method uses among ``encoder``, ``augmentation``, ``negatives``, ``loss`` and
-    ``clustering``, each with the block used when the experiment leaves it out (so ``method: moco`` alone
-    is a full experiment). A block given for a slot the method does not use is a config error.
-
-    ``factory(config, *, context, **components) -> torch.nn.Module`` receives the built components of its
-    slots as keyword arguments (``encoder=``, ``negatives=``, ``loss=``, ``clustering=``; the augmentation
-    is used by the data pipeline) and ``context`` (:class:`sslcore.engine.MethodContext`: world size,
-    global batch size, total steps). The module must provide:
-
-    - ``forward(views: list[Tensor]) -> dict[str, Tensor]`` — one training step's loss under ``"loss"``
-      and any scalar metrics; it is called through DDP when there are several workers. A ``forward`` that
-      also takes ``index`` gets the batch's dataset indices (N, long), for per-sample state;
-    - ``backbone: torch.nn.Module`` — the encoder that evaluators use and ``sslcore export`` writes.
-
-    Optional: ``on_epoch_start(epoch: int, context) -> dict | None`` for work between epochs (an E-step),
-    called on every worker, and ``on_train_end(context) -> dict | None``, called on every worker after the
-    last epoch (final pictures); what they return (floats, 1-D tensors as distributions, PIL images) is
-    tracked.
-    ``context.dataset_size`` sizes per-sample state. Method state that must survive a resume lives in
-    buffers or submodules, so ``state_dict()`` holds it.
+    ``config`` must have ``lr`` (the base learning rate, scaled by ``train.lr_scaling``) and ``weight_decay``.
+    ``param_groups`` are torch's parameter-group dicts, each with ``params``, its peak ``lr`` and its
+    ``weight_decay`` set by the engine from the recipe's groups, and ``lars_exclude`` (True: no trust ratio),
+    which optimizers without a trust ratio ignore. The engine sets ``lr`` (and a scheduled weight decay) of
+    every group before each step.
     """
+
+
+# -- methods ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Slot:
+    """A slot of a method: the protocol its component must meet and the block used when the experiment
+    leaves the slot out. Slots: ``encoder``, ``augmentation``, ``negatives``, ``loss``, ``clustering``."""
+
+    needs: type  #: the protocol, e.g. Encoder, PatchEncoder, NegativeSource, ContrastiveLoss, PairedLoss
+    default: Mapping[str, Any] = field(default_factory=dict)  #: e.g. {"name": "queue", "size": 65536}
+
+
+class Slots(Protocol):
+    """What a method's factory gets to build the components of its slots (all but the augmentation)."""
+
+    def build(self, slot: str, **sizes: Any) -> Any:
+        """The experiment's component for ``slot``, built with ``sizes`` the method decides (the negatives'
+        ``dim``) and what the engine knows (global batch size, dataset size), checked against the slot's
+        protocol; a ``ValueError`` of its factory is reported as a config error on that block."""
+
+
+@runtime_checkable
+class Method(Protocol):
+    """A self-supervised method: an ``nn.Module`` that turns a batch of views into a loss.
+
+    Subclass it (``class MoCo(nn.Module, Method)``) to get the no-op defaults of the optional parts.
+    The engine calls, for each batch: ``forward`` (through DDP with several workers), backward, gradient
+    clipping, ``before_optimizer_step``, the optimizer step, ``after_optimizer_step``. State that must
+    survive a resume lives in buffers or submodules, so ``state_dict()`` holds it.
+    """
+
+    backbone: nn.Module  #: the encoder that evaluators use and ``sslcore export`` writes
+
+    #: True: ``forward`` also gets ``index``, the batch's dataset ids (N, long), for per-image state (PCL's
+    #: cluster assignments) and for negative sources that need it
+    uses_index: ClassVar[bool] = False
+
+    def forward(self, views: list[Tensor], index: Tensor | None = None) -> dict[str, Tensor]:
+        """``views``: one N x 3 x S x S batch per view of the augmentation. Returns the loss under "loss"
+        and any 0-dim metrics (tracked every ``log_every_steps``)."""
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The method's named groups of parameters (SimSiam: {"predictor": [...]}), each one declared, with
+        its settings, in the recipe's ``param_groups``; a parameter in none of them may fall in
+        ``bias_and_norm``, else in the rest. None by default."""
+        return {}
+
+    def schedules(self) -> dict[str, Schedule]:
+        """Hyperparameters that change over training (BYOL's tau), evaluated by the engine at every step,
+        passed to the step hooks in ``TrainingStep.values`` and tracked; read once, at set-up."""
+        return {}
+
+    def before_optimizer_step(self, step: TrainingStep) -> None:
+        """Gradients are ready (unscaled, clipped): e.g. set those of a part frozen for the first steps to
+        None."""
+        return None
+
+    def after_optimizer_step(self, step: TrainingStep) -> None:
+        """The parameters moved: e.g. the EMA of a momentum encoder or target network."""
+        return None
+
+    def on_epoch_start(self, epoch: int, context: MethodContext) -> dict[str, Any] | None:
+        """Before each epoch, on every worker (an E-step). Returns floats, 1-D tensors (distributions) or PIL
+        images to track."""
+        return None
+
+    def on_train_end(self, context: MethodContext) -> dict[str, Any] | None:
+        """After the last epoch, on every worker (final pictures); returns what to track, as above."""
+        return None
+
+
+@hookspec
+def register_methods(register: RegisterMethod) -> None:
+    """Register self-supervised methods (the ``method`` block)::
+
+        register(name, factory, config=Model, slots={"encoder": Slot(Encoder, {"name": "resnet50"}), ...},
+                 recipe={"epochs": 200, "batch_size": 256, "optimizer": {"name": "sgd", "lr": 0.03}, ...})
+
+    ``factory(config, *, context: MethodContext, slots: Slots) -> Method``. A block given for a slot the
+    method does not declare is a config error. ``recipe`` is the method's default ``train`` block
+    (:class:`sslcore.api.recipe.TrainConfig`): optimizer and base lr, ``lr_scaling``, warmup, schedule and
+    ``final_lr``, epochs, batch size, ``grad_clip``, and ``param_groups``, which names every group the method's
+    ``parameter_groups()`` returns (``{}`` for default settings) and may set ``bias_and_norm``.
+    """
+
+
+# -- the register callbacks, typed per hook ---------------------------------------------------------------
+
+class RegisterAugmentation(Protocol):
+    def __call__(self, name: str, factory: Callable[[Any], Augmentation], *, config: type[BaseModel] | None = None,
+                 provides: type | None = None) -> None: ...
+
+
+class RegisterEncoder(Protocol):
+    def __call__(self, name: str, factory: Callable[[Any], Encoder], *, config: type[BaseModel] | None = None,
+                 provides: type | None = None) -> None: ...
+
+
+class RegisterNegativeSource(Protocol):
+    def __call__(self, name: str, factory: Callable[..., NegativeSource], *,
+                 config: type[BaseModel] | None = None, provides: type | None = None) -> None: ...
+
+
+class RegisterLoss(Protocol):
+    def __call__(self, name: str, factory: Callable[[Any], ContrastiveLoss | PairedLoss], *,
+                 config: type[BaseModel] | None = None, provides: type | None = None) -> None: ...
+
+
+class RegisterClustering(Protocol):
+    def __call__(self, name: str, factory: Callable[[Any], Clustering], *, config: type[BaseModel] | None = None,
+                 provides: type | None = None) -> None: ...
+
+
+class RegisterEvaluator(Protocol):
+    def __call__(self, name: str, factory: Callable[[Any], Evaluator], *, config: type[BaseModel] | None = None,
+                 provides: type | None = None) -> None: ...
+
+
+class RegisterDataset(Protocol):
+    def __call__(self, name: str, factory: Callable[[Any], Dataset], *, config: type[BaseModel] | None = None,
+                 provides: type | None = None) -> None: ...
+
+
+class RegisterOptimizer(Protocol):
+    def __call__(self, name: str, factory: Callable[[Any, list[dict[str, Any]]], torch.optim.Optimizer], *,
+                 config: type[BaseModel], provides: type | None = None) -> None: ...
+
+
+class RegisterMethod(Protocol):
+    def __call__(self, name: str, factory: Callable[..., Method], *, config: type[BaseModel] | None = None,
+                 slots: Mapping[str, Slot], recipe: Mapping[str, Any], provides: type | None = None) -> None: ...

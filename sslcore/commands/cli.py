@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", parents=[common], help="check an experiment file")
     validate.add_argument("file", type=Path)
     validate.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", dest="overrides")
+    validate.add_argument("--resolved", action="store_true",
+                          help="print the experiment that will run: the method's recipe and slot defaults under "
+                               "the file's values, and each parameter group's learning rate")
 
     plugins = commands.add_parser("plugins", parents=[common], help="list plugins and their components")
     plugins.add_argument("--json", action="store_true", help="print JSON")
@@ -105,12 +108,13 @@ def _load(args: argparse.Namespace, registry: Registry) -> Resolved:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sslcore.engine.launch import CONFIG_FILE, launch
+    from sslcore.engine.launch import launch
+    from sslcore.engine.rundir import RunDir
 
     if args.file is None:
         if args.resume is None:
             raise UserError("sslcore run: give an experiment file (or --resume RUN_DIR)")
-        args.file = args.resume / CONFIG_FILE
+        args.file = RunDir(args.resume).config_file
     registry = _registry(args)
     resolved = _load(args, registry)
     metrics = launch(resolved, registry, args.plugin, resume=args.resume, address=args.address,
@@ -124,11 +128,36 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     registry = _registry(args)
     resolved = _load(args, registry)
-    dry_build(resolved, registry)
     check_data(resolved, registry)
+    method = dry_build(resolved, registry)
+    if args.resolved:
+        print(_resolved_yaml(resolved, method))
+        return 0
     blocks = ", ".join(f"{slot}={block['name']}" for slot, block in resolved.blocks.items())
     print(f"{args.file}: ok ({blocks})")
     return 0
+
+
+def _resolved_yaml(resolved: Resolved, method: object) -> str:
+    """The resolved experiment as YAML, headed by comments with the learning rate of each parameter group."""
+    import yaml
+
+    from sslcore.engine.build import parameter_groups
+
+    experiment = resolved.as_dict()
+    train = experiment["train"]
+    optimizer, batch = train["optimizer"], train["batch_size"]
+    rule = {"linear": f"x {batch}/256", "sqrt": f"x sqrt({batch})", "none": "(no scaling)"}[train["lr_scaling"]]
+    lines = [f"# {resolved.source}, resolved: the method's recipe and slot defaults under the file's values",
+             f"# peak lr = base lr {rule} (train.lr_scaling: {train['lr_scaling']}), then warmup "
+             f"{train['warmup_epochs']:g} epochs and {train['schedule']} schedule to {train['final_lr']:g} x peak"]
+    for group in parameter_groups(method, experiment["method"]["name"], train, optimizer, batch):
+        count = sum(p.numel() for p in group["params"])
+        extras = [flag for flag in ("lars_exclude", "fixed_lr") if group[flag]]
+        lines.append(f"# param group {group['group']} ({len(group['params'])} tensors, {count / 1e6:.2f} M): "
+                     f"peak lr {group['lr']:.6g}, weight decay {group['weight_decay']:g}"
+                     + (f", {', '.join(extras)}" if extras else ""))
+    return "\n".join(lines) + "\n" + yaml.safe_dump(experiment, sort_keys=False).rstrip()
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -16,9 +16,7 @@ evaluates the encoder as built from the experiment's seed, untrained, and keeps 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -29,11 +27,11 @@ import yaml
 from sslcore.api.errors import UserError
 from sslcore.config import apply_overrides, resolve, resolve_block
 from sslcore.engine.context import EvalContext
-from sslcore.engine.launch import CONFIG_FILE, checkpoints, dry_build
+from sslcore.engine.launch import dry_build
 from sslcore.engine.loop import AUTOCAST_DTYPES, resolve_precision, seed_everything
+from sslcore.engine.rundir import RunDir, load_torch_file
 from sslcore.registry import Registry
 
-RESULTS_FILE = "evaluations.json"
 RANDOM_INIT = "random_init"
 logger = logging.getLogger(__name__)
 
@@ -43,13 +41,13 @@ def _config_and_weights(target: Path, config: Path | None) -> tuple[Path, Path |
     if config is not None and not config.is_file():
         raise UserError(f"sslcore eval --config {config}: no such file")
     if target.is_dir():
-        found = checkpoints(target)
-        weights = found[-1] if found else (target / "backbone.pt" if (target / "backbone.pt").is_file() else None)
-        candidates = [config, target / CONFIG_FILE]
+        run = RunDir(target)
+        weights = run.latest_checkpoint() or (run.backbone_file if run.backbone_file.is_file() else None)
+        candidates = [config, run.config_file]
     elif target.is_file():
         weights = target
-        candidates = [config, target.with_suffix(".yaml"), target.parent / CONFIG_FILE,
-                      target.parent.parent / CONFIG_FILE]  # a checkpoint_*/state.pt
+        candidates = [config, target.with_suffix(".yaml"), RunDir(target.parent).config_file,
+                      RunDir(target.parent.parent).config_file]  # a checkpoint_*/state.pt
     else:
         raise UserError(f"sslcore eval {target}: no such run folder or weights file")
     for candidate in candidates:
@@ -59,16 +57,17 @@ def _config_and_weights(target: Path, config: Path | None) -> tuple[Path, Path |
                     f"{', '.join(str(c) for c in candidates if c is not None)}); pass --config EXPERIMENT.yaml")
 
 
-def _load_weights(backbone: torch.nn.Module, method: torch.nn.Module, weights: Path) -> int:
-    """Load ``weights`` into the method (a checkpoint) or the backbone (a state_dict); returns the epoch
-    trained (-1 when the file does not say)."""
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise UserError(f"{weights} cannot be read as torch weights ({type(exc).__name__}: {str(exc)[:200]})"
-                        ) from None
+def _read_weights(weights: Path) -> dict[str, Any]:
+    """A backbone ``state_dict`` or an sslcore checkpoint (a dict with its ``model``)."""
+    state = load_torch_file(weights)
     if not isinstance(state, dict):
         raise UserError(f"{weights}: expected a state_dict or an sslcore checkpoint, got {type(state).__name__}")
+    return state
+
+
+def _load_weights(backbone: torch.nn.Module, method: torch.nn.Module, weights: Path, state: dict[str, Any]) -> int:
+    """Load ``state`` (read from ``weights``) into the method (a checkpoint) or the backbone (a state_dict);
+    returns the epoch trained (-1 when the file does not say)."""
     try:
         if "model" in state and isinstance(state["model"], dict):
             method.load_state_dict(state["model"])
@@ -120,10 +119,12 @@ def evaluate_target(target: Path, names: list[str], registry: Registry, override
                         "epochs, or pass --random-init")
     blocks = _evaluator_blocks(resolved.evaluators, names, overrides or [], registry)
     experiment = resolved.as_dict()
+    state = None if random_init else _read_weights(weights)
     seed_everything(experiment["seed"])
-    method = dry_build(resolved, registry)
+    # per-image state sized as in the checkpoint; from the data for a backbone state_dict or at random init
+    method = dry_build(resolved, registry, dataset_size=(state or {}).get("dataset_size"))
     backbone = method.backbone
-    epoch = -1 if random_init else _load_weights(backbone, method, weights)
+    epoch = -1 if state is None else _load_weights(backbone, method, weights, state)
     run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train = experiment["train"]
     channels_last = train["channels_last"]
@@ -133,13 +134,14 @@ def evaluate_target(target: Path, names: list[str], registry: Registry, override
     loader_workers = train["loader_workers"]
     out_dir = output or (target if target.is_dir() else target.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
+    record = RunDir(out_dir)
     context = EvalContext(
         registry=registry, eval_transform=augmentation.eval, train_data=experiment["data"], device=run_device,
         batch_size=256, num_workers=loader_workers if loader_workers is not None else (4 if run_device.type == "cuda"
                                                                                         else 0),
         epoch=epoch, channels_last=channels_last,
         autocast_dtype=AUTOCAST_DTYPES[resolve_precision(train["precision"], run_device)], run_dir=out_dir,
-        labelled_transform=getattr(augmentation, "labelled", None))
+        labelled_transform=augmentation.labelled)
     weights_name = RANDOM_INIT if random_init else str(weights)
     results: dict[str, dict[str, float]] = {}
     for block in blocks:
@@ -148,16 +150,6 @@ def evaluate_target(target: Path, names: list[str], registry: Registry, override
         metrics = evaluator.evaluate(backbone, context)
         key = f"{block['name']}@{RANDOM_INIT}" if random_init else block["name"]
         results[key] = metrics
-        _record(out_dir / RESULTS_FILE, key, {"evaluator": block, "weights": weights_name, "epoch": epoch,
-                                               "seconds": round(time.perf_counter() - started, 1),
-                                               "metrics": metrics})
+        record.record_evaluation(key, {"evaluator": block, "weights": weights_name, "epoch": epoch,
+                                       "seconds": round(time.perf_counter() - started, 1), "metrics": metrics})
     return results
-
-
-def _record(path: Path, key: str, entry: dict[str, Any]) -> None:
-    """Merge one evaluation into ``path`` (written whole each time, so a stopped run keeps earlier ones)."""
-    recorded = json.loads(path.read_text()) if path.is_file() else {}
-    recorded[key] = {**entry, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(recorded, indent=2))
-    temporary.replace(path)

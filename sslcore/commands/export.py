@@ -17,26 +17,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
 from sslcore.api.errors import UserError
 from sslcore.config import resolve
-from sslcore.engine.launch import CONFIG_FILE, checkpoints, dry_build
+from sslcore.engine.launch import dry_build
+from sslcore.engine.rundir import RunDir
 from sslcore.registry import Registry
 
 
 def export_backbone(run_dir: Path, output: Path, registry: Registry) -> Path:
-    config_file = run_dir / CONFIG_FILE
-    if not config_file.is_file():
-        raise UserError(f"{run_dir}: no {CONFIG_FILE}; give the folder of a run (runs/<name>)")
-    found = checkpoints(run_dir)
-    if not found:
+    run = RunDir(run_dir)
+    if not run.has_config():
+        raise UserError(f"{run_dir}: no {RunDir.CONFIG}; give the folder of a run (runs/<name>)")
+    latest = run.latest_checkpoint()
+    if latest is None:
         raise UserError(f"{run_dir}: no checkpoint yet; train at least checkpoint.every_epochs epochs")
-    resolved = resolve(yaml.safe_load(config_file.read_text()), registry, source=str(config_file))
-    method = dry_build(resolved, registry)
-    state = torch.load(found[-1], map_location="cpu", weights_only=True)
+    resolved = resolve(run.read_config(), registry, source=str(run.config_file))
+    state = RunDir.load_checkpoint(latest)
+    method = dry_build(resolved, registry, dataset_size=state.get("dataset_size"))
     method.load_state_dict(state["model"])
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save(method.backbone.state_dict(), output)
-    output.with_suffix(".yaml").write_text(config_file.read_text())
+    output.with_suffix(".yaml").write_text(run.config_file.read_text())
     return output

@@ -9,7 +9,6 @@ reconstructions, prototypes).
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -18,26 +17,13 @@ from typing import Any
 import yaml
 
 from sslcore.api.errors import UserError
-from sslcore.commands.evaluate import RANDOM_INIT, RESULTS_FILE
-from sslcore.engine.launch import CONFIG_FILE
+from sslcore.commands.evaluate import RANDOM_INIT
+from sslcore.engine.rundir import RunDir
 
 REPORT_FILE = "report.md"
 FIGURES = "report"
 TRAIN_CURVES = ("loss", "lr", "img_per_s")
 SVM_KEY = re.compile(r"svm_k(\d+)_(top1|map)(_std)?$")
-
-
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a stopped run
-            continue
-    return records
 
 
 def _plot_curves(records: list[dict[str, Any]], subset: str, x_key: str, keys: list[str], path: Path) -> bool:
@@ -115,14 +101,13 @@ def _evaluations_section(evaluations: dict[str, Any]) -> list[str]:
 
 def write_report(run_dir: Path) -> Path:
     """Write ``run_dir/report.md`` (and its figures); returns its path."""
-    config_file = run_dir / CONFIG_FILE
-    if not config_file.is_file():
-        raise UserError(f"sslcore report {run_dir}: no {CONFIG_FILE}; give the folder of a run (runs/<name>)")
-    records = _read_metrics(run_dir)
-    summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    evaluations_file = run_dir / RESULTS_FILE
-    evaluations = json.loads(evaluations_file.read_text()) if evaluations_file.is_file() else {}
+    run = RunDir(run_dir)
+    if not run.has_config():
+        raise UserError(f"sslcore report {run_dir}: no {RunDir.CONFIG}; give the folder of a run (runs/<name>)")
+    config_file = run.config_file
+    records = run.read_metrics()
+    summary = run.read_summary()
+    evaluations = run.read_evaluations()
 
     lines = [f"# Run report: {run_dir.name}", ""]
     final = _scalars(summary.get("final"))

@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
 
 from sslcore import hookimpl
-from sslcore.api.hookspecs import Register
+from sslcore.api.hookspecs import Augmentation, RegisterAugmentation
 
 if TYPE_CHECKING:  # imported where a pipeline is built, not when the registry loads (startup time)
     import albumentations as A
@@ -71,11 +71,20 @@ class SimCLRConfig(MoCoV2Config):
                                                    "CIFAR-10 in the paper).")
 
 
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
 class BYOLConfig(MoCoV2Config):
     """Parameters of the BYOL augmentation recipe."""
 
     scale: tuple[AreaFraction, AreaFraction] = Field(
         (0.08, 1.0), description="Range of the crop's area as a fraction of the image (RandomResizedCrop).")
+    blur_prob: tuple[Probability, Probability] = Field(
+        (1.0, 0.1), description="Probability of Gaussian blur in view 1 and view 2 (BYOL: 1.0 and 0.1), at "
+                                "blur_min_size pixels and up.")
+    solarize_prob: tuple[Probability, Probability] = Field(
+        (0.0, 0.2), description="Probability of solarization in view 1 and view 2 (BYOL: 0.0 and 0.2; "
+                                "solo-learn's VICReg CIFAR recipe: 0.1 and 0.1).")
 
 
 class MAEConfig(BaseModel):
@@ -110,19 +119,20 @@ def _reseed(compose: A.Compose, seed: int) -> None:
         transform.set_random_seed(int(child_seed))
 
 
-class ViewAugmentation:
+class ViewAugmentation(Augmentation):
     """Views made by one albumentations pipeline per view, and the deterministic eval transform.
 
     ``view_transforms[i]`` makes view i; one pipeline may serve several views (MoCo v2's two views are
-    two draws of the same pipeline). Subclasses build the pipelines of their recipe.
+    two draws of the same pipeline). Subclasses build the pipelines of their recipe, all of one size.
     """
 
     def __init__(self, view_transforms: list[A.Compose], config: MoCoV2Config | MAEConfig) -> None:
         import albumentations as A
 
         self.view_transforms = view_transforms
-        self.num_views = len(view_transforms)
         size = config.size
+        self.view_sizes = [size] * len(view_transforms)
+        self.eval_size = size
         # The ImageNet protocol resizes to 256 and crops 224; small images are resized to size and cropped.
         resize = round(size * 256 / 224) if size >= 64 else size
         self.eval_transform = A.Compose([
@@ -140,7 +150,7 @@ class ViewAugmentation:
         ])
 
     def views(self, image: np.ndarray) -> list[torch.Tensor]:
-        """``image``: H x W x 3 uint8 RGB -> ``num_views`` float tensors 3 x S x S."""
+        """``image``: H x W x 3 uint8 RGB -> one float tensor 3 x S x S per view."""
         return [transform(image=image)["image"] for transform in self.view_transforms]
 
     def eval(self, image: np.ndarray) -> torch.Tensor:
@@ -214,7 +224,7 @@ class SimCLRAugmentation(ViewAugmentation):
 
 class BYOLAugmentation(ViewAugmentation):
     """BYOL's asymmetric pair (its Table 6): view 1 blurred always, never solarized; view 2 blurred with
-    p 0.1, solarized with p 0.2."""
+    p 0.1, solarized with p 0.2 (``blur_prob``, ``solarize_prob``)."""
 
     def __init__(self, config: BYOLConfig) -> None:
         import albumentations as A
@@ -232,7 +242,8 @@ class BYOLAugmentation(ViewAugmentation):
                 *_to_tensor(config),
             ])
 
-        super().__init__([view(1.0, 0.0), view(0.1, 0.2)], config)
+        super().__init__([view(blur, solarize) for blur, solarize in zip(config.blur_prob, config.solarize_prob)],
+                         config)
 
 
 class MAEAugmentation(ViewAugmentation):
@@ -252,7 +263,7 @@ class MAEAugmentation(ViewAugmentation):
 
 
 @hookimpl
-def register_augmentations(register: Register) -> None:
+def register_augmentations(register: RegisterAugmentation) -> None:
     register("moco_v2", MoCoV2Augmentation, config=MoCoV2Config)
     register("simclr", SimCLRAugmentation, config=SimCLRConfig)
     register("byol", BYOLAugmentation, config=BYOLConfig)

@@ -13,7 +13,6 @@ its centroid (grouped by ``assignments``, these are the per-cluster distances PC
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -22,27 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from sslcore import hookimpl
-from sslcore.api.hookspecs import Register
-
-
-@dataclass
-class ClusterResult:
-    """One granularity: ``assignments`` N (long), ``centroids`` K x D (L2-normalised, float32), ``norms`` K
-    (the centroids' norms before normalisation: ``centroids * norms[:, None]`` are the k-means centroids)
-    and ``distances`` N (float32: squared L2 distance of each sample to its assigned k-means centroid)."""
-
-    assignments: torch.Tensor
-    centroids: torch.Tensor
-    norms: torch.Tensor
-    distances: torch.Tensor
-
-    @property
-    def num_clusters(self) -> int:
-        return self.centroids.shape[0]
-
-    def sizes(self) -> torch.Tensor:
-        """Z: K, the number of samples in each cluster."""
-        return torch.bincount(self.assignments, minlength=self.num_clusters)
+from sslcore.api.hookspecs import Clustering, ClusterResult, RegisterClustering
 
 
 class FaissKMeansConfig(BaseModel):
@@ -62,7 +41,7 @@ class FaissKMeansConfig(BaseModel):
         "auto", description="'auto': a GPU index when faiss-gpu is installed and a GPU is visible, else CPU")
 
 
-class FaissKMeans:
+class FaissKMeans(Clustering):
     """k-means of the official PCL code on faiss (see the module docstring)."""
 
     def __init__(self, config: FaissKMeansConfig) -> None:
@@ -119,7 +98,7 @@ class SinkhornConfig(BaseModel):
     seed: int = Field(0, description="granularity m starts from the samples drawn with seed + m")
 
 
-class SinkhornClustering:
+class SinkhornClustering(Clustering):
     """Equal-size clusters on the unit sphere.
 
     Start from K random samples as prototypes; each round computes the soft assignment Q (N x K) whose
@@ -166,6 +145,6 @@ class SinkhornClustering:
 
 
 @hookimpl
-def register_clusterings(register: Register) -> None:
+def register_clusterings(register: RegisterClustering) -> None:
     register("faiss_kmeans", FaissKMeans, config=FaissKMeansConfig)
     register("sinkhorn", SinkhornClustering, config=SinkhornConfig)

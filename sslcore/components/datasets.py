@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from sslcore import hookimpl
 from sslcore.api.errors import UserError
-from sslcore.api.hookspecs import Register
+from sslcore.api.hookspecs import RegisterDataset
 from sslcore.toolkit.images import load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -194,7 +194,7 @@ class Cifar10Dataset(Dataset):
 
 
 @hookimpl
-def register_datasets(register: Register) -> None:
+def register_datasets(register: RegisterDataset) -> None:
     register("image_folder", ImageFolderDataset, config=ImageFolderConfig)
     register("file_list", FileListDataset, config=FileListConfig)
     register("cifar10", Cifar10Dataset, config=Cifar10Config)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from sslcore import hookimpl
-from sslcore.api.hookspecs import Register
+from sslcore.api.hookspecs import PatchEncoder, RegisterEncoder
 
 if TYPE_CHECKING:  # torchvision is imported where a model is built: ~2 s that `sslcore run`'s driver skips
     from torchvision import models
@@ -79,6 +79,7 @@ def build_resnet(arch: Arch, config: ResNetConfig) -> models.ResNet:
 
     model = getattr(models, arch)(weights=None, zero_init_residual=config.zero_init_residual)
     model.feature_dim = model.fc.in_features
+    model.input_size = None  # any image size: the adaptive pooling makes the features
     model.fc = nn.Identity()
     _use_stem(model, config.cifar_stem, config.maxpool)
     return model
@@ -153,7 +154,7 @@ def sincos_position_embedding(dim: int, grid_size: int) -> torch.Tensor:
     return torch.cat([encode(x), encode(y)], dim=1).float()  # L x dim
 
 
-class VisionTransformerEncoder(nn.Module):
+class VisionTransformerEncoder(nn.Module, PatchEncoder):
     """A Vision Transformer (Dosovitskiy et al. 2021) made of torchvision's pieces: the patch embedding
     ``conv_proj`` (a p x p convolution of stride p), the CLS token ``class_token`` and torchvision's ``Encoder``
     (``encoder.pos_embedding``, the pre-norm blocks ``encoder.layers``, the final LayerNorm ``encoder.ln``),
@@ -177,6 +178,7 @@ class VisionTransformerEncoder(nn.Module):
         super().__init__()
         p = config.patch_size
         self.image_size, self.patch_size = config.image_size, p
+        self.input_size = config.image_size
         self.grid_size = config.image_size // p
         self.num_patches = self.grid_size**2  # L
         self.feature_dim = width
@@ -260,9 +262,9 @@ def vit_base(config: ViTConfig) -> VisionTransformerEncoder:
 
 
 @hookimpl
-def register_encoders(register: Register) -> None:
+def register_encoders(register: RegisterEncoder) -> None:
     register("resnet18", resnet18, config=ResNetConfig)
     register("resnet50", resnet50, config=ResNetConfig)
-    register("vit_tiny", vit_tiny, config=ViTConfig)
-    register("vit_small", vit_small, config=ViTConfig)
-    register("vit_base", vit_base, config=ViTConfig)
+    register("vit_tiny", vit_tiny, config=ViTConfig, provides=VisionTransformerEncoder)
+    register("vit_small", vit_small, config=ViTConfig, provides=VisionTransformerEncoder)
+    register("vit_base", vit_base, config=ViTConfig, provides=VisionTransformerEncoder)

@@ -24,7 +24,7 @@ from torch import nn
 
 from sslcore import hookimpl
 from sslcore.api.errors import UserError
-from sslcore.api.hookspecs import Register
+from sslcore.api.hookspecs import RegisterEvaluator
 
 if TYPE_CHECKING:
     from sslcore.engine.context import EvalContext
@@ -216,7 +216,7 @@ class EmbeddingPlotEvaluator:
 
 
 @hookimpl
-def register_evaluators(register: Register) -> None:
+def register_evaluators(register: RegisterEvaluator) -> None:
     register("knn", KNNEvaluator, config=KNNConfig)
     register("clustering_quality", ClusteringQualityEvaluator, config=ClusteringQualityConfig)
     register("embedding_plot", EmbeddingPlotEvaluator, config=EmbeddingPlotConfig)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from sslcore import hookimpl
-from sslcore.api.hookspecs import Register
+from sslcore.api.hookspecs import ContrastiveLoss, RegisterLoss
 
 
 class InfoNCEConfig(BaseModel):
@@ -26,7 +26,7 @@ class InfoNCEConfig(BaseModel):
     temperature: float = Field(0.2, gt=0, description="tau, the softmax temperature (0.2 in MoCo v2).")
 
 
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(nn.Module, ContrastiveLoss):
     """InfoNCE (van den Oord et al. 2018) as in MoCo (He et al. 2020)::
 
         L = -log( exp(q·k+ / tau) / (exp(q·k+ / tau) + sum_j exp(q·k_j / tau)) )
@@ -94,7 +94,7 @@ class ContrastiveMarginConfig(BaseModel):
     mining: Mining = Field("all", description=MINING_DESCRIPTION + " (distances: Euclidean).")
 
 
-class ContrastiveMarginLoss(nn.Module):
+class ContrastiveMarginLoss(nn.Module, ContrastiveLoss):
     """The margin contrastive loss of Hadsell, Chopra and LeCun (2006), with D the Euclidean distance::
 
         L = 1/N sum_i 1/2 D(q_i, k_i)^2  +  1/|S| sum_{(i, j) in S} 1/2 max(0, m - D(q_i, n_j))^2
@@ -132,7 +132,7 @@ class TripletConfig(BaseModel):
                                                                          "easy triplets have zero loss.")
 
 
-class TripletLoss(nn.Module):
+class TripletLoss(nn.Module, ContrastiveLoss):
     """The triplet loss of FaceNet (Schroff et al. 2015), with d the squared Euclidean distance::
 
         L = 1/|T| sum_{(i, j) in T} max(0, d(q_i, k_i) - d(q_i, n_j) + alpha)
@@ -158,7 +158,7 @@ class TripletLoss(nn.Module):
 
 
 @hookimpl
-def register_losses(register: Register) -> None:
+def register_losses(register: RegisterLoss) -> None:
     register("info_nce", InfoNCELoss, config=InfoNCEConfig)
     register("contrastive_margin", ContrastiveMarginLoss, config=ContrastiveMarginConfig)
     register("triplet", TripletLoss, config=TripletConfig)

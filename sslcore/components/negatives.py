@@ -8,7 +8,7 @@ For a query ``q`` (N x D) and its positive key ``k`` (N x D), a source gives the
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from torch import nn
 
 from sslcore import hookimpl
 from sslcore.api.errors import TrainingError
-from sslcore.api.hookspecs import Register
+from sslcore.api.hookspecs import NegativeSource, RegisterNegativeSource
 from sslcore.toolkit.distributed import concat_all_gather, rank
 
 logger = logging.getLogger(__name__)
@@ -29,13 +29,13 @@ class InBatchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class InBatchNegatives(nn.Module):
+class InBatchNegatives(nn.Module, NegativeSource):
     """The keys of the whole global batch (all workers) are the negatives; each query's own key is excluded.
 
     No state: ``update`` does nothing. Keys are detached, so no gradient flows through the negatives.
     """
 
-    def __init__(self, config: InBatchConfig, *, dim: int, global_batch_size: int, dataset_size: int = 0) -> None:
+    def __init__(self, config: InBatchConfig, *, dim: int, global_batch_size: int, dataset_size: int) -> None:
         super().__init__()
 
     def negatives(self, q: torch.Tensor, k: torch.Tensor,
@@ -60,7 +60,7 @@ class QueueConfig(BaseModel):
                                                "of the global batch size (train.batch_size).")
 
 
-class QueueNegatives(nn.Module):
+class QueueNegatives(nn.Module, NegativeSource):
     """The MoCo dictionary (He et al. 2020): a FIFO queue of the K most recent keys of all workers.
 
     ``queue`` is K x D (official MoCo stores its transpose, D x K), initialised with random unit vectors;
@@ -71,7 +71,7 @@ class QueueNegatives(nn.Module):
     queue: torch.Tensor
     ptr: torch.Tensor
 
-    def __init__(self, config: QueueConfig, *, dim: int, global_batch_size: int, dataset_size: int = 0) -> None:
+    def __init__(self, config: QueueConfig, *, dim: int, global_batch_size: int, dataset_size: int) -> None:
         super().__init__()
         size = config.size
         if size % global_batch_size:
@@ -118,7 +118,7 @@ class MemoryBankConfig(BaseModel):
                             "the positive by its freshness)")
 
 
-class MemoryBankNegatives(nn.Module):
+class MemoryBankNegatives(nn.Module, NegativeSource):
     """The memory bank of Instance Discrimination (Wu et al. 2018, "InstDisc"), the MoCo paper's second mechanism.
 
     ``bank`` (N x D float32, N the training images) holds one L2-normalised entry v_i per image i, initialised
@@ -138,21 +138,19 @@ class MemoryBankNegatives(nn.Module):
     ``momentum: 0``, the same encoder), and its initial entries are uniform with E||v||^2 = 1.
     """
 
+    needs_index = True
     bank: torch.Tensor
     step: torch.Tensor
 
-    def __init__(self, config: MemoryBankConfig, *, dim: int, global_batch_size: int, dataset_size: int = 0) -> None:
+    def __init__(self, config: MemoryBankConfig, *, dim: int, global_batch_size: int, dataset_size: int) -> None:
         super().__init__()
         self.num_negatives, self.m, self.seed = config.num_negatives, config.momentum, config.seed
         self.positive_from_bank = config.positive == "bank"
-        # dataset_size 0: not known where the method is built (the driver's dry build for validate and export);
-        # such a bank takes its size from the checkpoint it loads and cannot train
         generator = torch.Generator().manual_seed(config.seed)
         self.register_buffer("bank", F.normalize(torch.randn(dataset_size, dim, generator=generator), dim=1))  # N x D
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        if dataset_size:
-            logger.info("memory_bank: %d x %d float32 = %.1f MiB on every worker", dataset_size, dim,
-                        dataset_size * dim * 4 / 2**20)
+        logger.info("memory_bank: %d x %d float32 = %.1f MiB on every worker", dataset_size, dim,
+                    dataset_size * dim * 4 / 2**20)
 
     def draw(self) -> torch.Tensor:
         """The K image ids of this step (CPU, long): the same on every worker and after a resume."""
@@ -193,29 +191,13 @@ class MemoryBankNegatives(nn.Module):
         self.step += 1
 
     def _check(self, index: torch.Tensor | None) -> None:
-        if index is None:
+        if index is None:  # validate refuses a method that does not declare uses_index; this is the last guard
             raise TrainingError("negatives: memory_bank needs the dataset index of each image and this method "
-                                "passes none (its forward takes no index); use negatives: {name: queue} or in_batch")
-        if self.bank.shape[0] == 0:
-            raise TrainingError("negatives: memory_bank was built with dataset_size=0; the method must pass "
-                                "dataset_size=context.dataset_size to the negatives factory")
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        stored = state_dict.get(prefix + "bank")
-        if stored is not None and self.bank.shape[0] == 0:  # built without the dataset size: take the stored one
-            self.bank = torch.empty_like(stored, device=self.bank.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def positive_key(source: nn.Module, k: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """The positive each query is contrasted with: ``source.positive(k, index)`` where the source keeps one (a
-    memory bank), else the key ``k``."""
-    positive = getattr(source, "positive", None)
-    return k if positive is None else positive(k, index)
+                                "passes none; use negatives: {name: queue} or in_batch")
 
 
 @hookimpl
-def register_negative_sources(register: Register) -> None:
+def register_negative_sources(register: RegisterNegativeSource) -> None:
     register("in_batch", InBatchNegatives, config=InBatchConfig)
     register("queue", QueueNegatives, config=QueueConfig)
     register("memory_bank", MemoryBankNegatives, config=MemoryBankConfig)

@@ -43,8 +43,9 @@ from torch.utils.data import DataLoader, Subset
 
 from sslcore import hookimpl
 from sslcore.api.errors import UserError
-from sslcore.api.hookspecs import Register
+from sslcore.api.hookspecs import RegisterEvaluator
 from sslcore.components.evaluators import DATASET_BLOCK
+from sslcore.toolkit.batchnorm import plain_batchnorm
 
 if TYPE_CHECKING:
     from sslcore.engine.context import EvalContext
@@ -340,20 +341,6 @@ class FinetuneConfig(BaseModel):
     train_data: dict[str, Any] | None = _train_data()
 
 
-def plain_batchnorm(module: nn.Module) -> nn.Module:
-    """``module`` with every subclass of BatchNorm2d (MoCo's SplitBatchNorm) swapped for a plain BatchNorm2d
-    holding the same parameters and statistics: fine-tuning normalises whole batches of any size."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d) and type(child) is not nn.BatchNorm2d:
-            plain = nn.BatchNorm2d(child.num_features, eps=child.eps, momentum=child.momentum, affine=child.affine,
-                                   track_running_stats=child.track_running_stats)
-            plain.load_state_dict(child.state_dict())
-            setattr(module, name, plain.to(next(iter(child.state_dict().values())).device))
-        else:
-            plain_batchnorm(child)
-    return module
-
-
 class FinetuneEvaluator:
     """Top-1/top-5 after fine-tuning a copy of the backbone on 1% and 10% of the labels."""
 
@@ -389,10 +376,7 @@ class FinetuneEvaluator:
         config = self.config
         torch.manual_seed(config.seed)
         model = plain_batchnorm(copy.deepcopy(backbone)).requires_grad_(True)
-        feature_dim = getattr(backbone, "feature_dim", None)
-        if feature_dim is None:
-            raise UserError("finetune: the encoder has no feature_dim attribute (see register_encoders)")
-        classifier = nn.Linear(feature_dim, num_classes, device=context.device)
+        classifier = nn.Linear(backbone.feature_dim, num_classes, device=context.device)  # an Encoder
         nn.init.normal_(classifier.weight, std=0.01)
         nn.init.zeros_(classifier.bias)
         optimizer = torch.optim.SGD([{"params": model.parameters(), "lr": config.backbone_lr},
@@ -424,7 +408,7 @@ class FinetuneEvaluator:
 
 
 @hookimpl
-def register_evaluators(register: Register) -> None:
+def register_evaluators(register: RegisterEvaluator) -> None:
     register("linear_probe", LinearProbeEvaluator, config=LinearProbeConfig)
     register("low_shot_svm", LowShotSVMEvaluator, config=LowShotSVMConfig)
     register("finetune", FinetuneEvaluator, config=FinetuneConfig)

@@ -25,10 +25,10 @@ class MethodContext:
     steps_per_epoch: int
     epochs: int
     device: torch.device
+    dataset_size: int  # images in the training set (all workers): per-image state is sized by it
     run_dir: Path | None = None
     registry: Registry | None = None
-    eval_context: EvalContext | None = None
-    dataset_size: int = 0  # images in the training set (all workers): per-sample state is sized by it
+    eval_context: EvalContext | None = None  # builds the training data under the eval transform (E-steps)
 
     @property
     def total_steps(self) -> int:
@@ -62,16 +62,12 @@ class EvalContext:
 
     def classes(self, block: dict[str, Any] | None = None) -> list[str]:
         """The class names of ``block``'s dataset (the training data when None); empty when unlabeled."""
-        return list(getattr(self.registry.build("dataset", block or self.train_data), "classes", []))
+        return list(self.registry.build("dataset", block or self.train_data).classes)
 
     def targets(self, block: dict[str, Any] | None = None) -> torch.Tensor:
-        """Every item's label in ``block``'s dataset (-1: unlabeled), from its ``targets`` when it has them,
-        else by reading every item."""
+        """Every item's label in ``block``'s dataset (-1: unlabeled), without decoding the images."""
         dataset = self.registry.build("dataset", block or self.train_data)
-        targets = getattr(dataset, "targets", None)
-        if targets is None:
-            targets = [label for _, label in self.dataset(block)]
-        return torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        return torch.as_tensor(np.asarray(dataset.targets), dtype=torch.long)
 
     def loader(self, block: dict[str, Any] | None = None) -> DataLoader:
         """A sequential DataLoader over :meth:`dataset`, batches ``(images N x 3 x S x S, labels N)``."""

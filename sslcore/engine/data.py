@@ -10,22 +10,15 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from typing import Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from sslcore.api.errors import TrainingError, UnreadableImage
+from sslcore.api.hookspecs import Augmentation
 
 logger = logging.getLogger("sslcore.data")
-
-class Augmentation(Protocol):
-    """What :class:`MultiViewDataset` uses of an augmentation (see ``register_augmentations``)."""
-
-    def views(self, image: np.ndarray) -> list[torch.Tensor]: ...
-
-    def set_seed(self, seed: int) -> None: ...
 
 
 class _SkipUnreadable(Dataset):
@@ -83,7 +76,8 @@ class EvalDataset(_SkipUnreadable):
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seeds numpy, ``random`` and the dataset's augmentation per worker.
+    """DataLoader ``worker_init_fn`` of a :class:`MultiViewDataset`: seeds numpy, ``random`` and the
+    dataset's augmentation per worker.
 
     The seed is the worker's torch seed, which the DataLoader derives from its generator and the worker
     id, so a loader with a seeded generator gives the same augmented batches on every run.
@@ -92,9 +86,8 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
     random.seed(seed)
     info = torch.utils.data.get_worker_info()
-    set_seed = getattr(info.dataset, "set_seed", None) if info is not None else None
-    if set_seed is not None:
-        set_seed(seed)
+    if info is not None:
+        info.dataset.set_seed(seed)
 
 
 __all__ = ["EvalDataset", "MultiViewDataset", "seed_worker"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -13,45 +13,40 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from sslcore.api.errors import ConfigError, UserError
-from sslcore.config import Resolved
+from sslcore.api.errors import UserError
+from sslcore.api.hookspecs import Method
+from sslcore.config import BlockError, Resolved
+from sslcore.engine.build import build, build_method, check_input_size
 from sslcore.engine.context import MethodContext
-from sslcore.engine.loop import ERROR_FILE, build_method, make_spec, train_loop_per_worker
-from sslcore.engine.session import CHECKPOINT_FILE
+from sslcore.engine.loop import WorkerSpec, train_loop_per_worker
+from sslcore.engine.rundir import RunDir
 from sslcore.registry import Registry
 
-CONFIG_FILE = "config.yaml"
 logger = logging.getLogger(__name__)
 
 
-def run_dir_of(resolved: Resolved) -> Path:
-    return Path(resolved.experiment.output_dir).expanduser().resolve() / resolved.experiment.name
+def run_dir_of(resolved: Resolved) -> RunDir:
+    return RunDir(Path(resolved.experiment.output_dir).expanduser().resolve() / resolved.experiment.name)
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoint files, oldest first (local and Ray Train checkpoints alike)."""
-    return sorted(run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"), key=lambda p: p.stat().st_mtime)
-
-
-def dry_build(resolved: Resolved, registry: Registry) -> torch.nn.Module:
-    """Build the method once on the driver, so a component that rejects its settings fails before Ray starts
-    (and to load a checkpoint into: ``sslcore export``, ``sslcore eval``). Per-sample state (PCL's cluster
-    assignments) is sized by the training data when it is readable here, else left empty."""
+def dry_build(resolved: Resolved, registry: Registry, dataset_size: int | None = None) -> Method:
+    """Build the method once on the driver, so that settings that cannot work fail before Ray starts (and to
+    load a checkpoint into: ``sslcore export``, ``sslcore eval``). Per-image state (PCL's cluster
+    assignments, a memory bank) is sized by ``dataset_size`` (a checkpoint's), else by the training data."""
     experiment = resolved.as_dict()
-    try:
+    if dataset_size is None:
         dataset_size = len(registry.build("dataset", resolved.blocks["data"]))
-    except UserError:
-        dataset_size = 0
     context = MethodContext(world_size=resolved.experiment.scaling.num_workers, rank=0,
                             global_batch_size=resolved.experiment.train.batch_size, steps_per_epoch=1,
                             epochs=resolved.experiment.train.epochs, device=torch.device("cpu"),
-                            registry=registry, dataset_size=dataset_size)
+                            dataset_size=dataset_size, registry=registry)
     try:
-        return build_method(experiment, registry, context)
-    except ConfigError as exc:
-        raise ConfigError(*(f"{resolved.source}: {line}" for line in exc.lines)) from None
+        method = build_method(experiment, registry, context)
+        check_input_size(method, build(registry, "augmentation", ("augmentation",), experiment["augmentation"]))
+    except BlockError as exc:
+        raise resolved.error(exc.loc, exc.message) from None
+    return method
 
 
 def check_data(resolved: Resolved, registry: Registry) -> None:
@@ -64,18 +59,16 @@ def check_data(resolved: Resolved, registry: Registry) -> None:
         registry.build("dataset", block)
 
 
-def prepare_run_dir(resolved: Resolved, resume: Path | None) -> Path:
-    run_dir = resume.resolve() if resume else run_dir_of(resolved)
-    if resume is None and checkpoints(run_dir):
-        raise UserError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
+def prepare_run_dir(resolved: Resolved, resume: Path | None) -> RunDir:
+    run = RunDir(resume.resolve()) if resume else run_dir_of(resolved)
+    if resume is None and run.checkpoints():
+        raise UserError(f"{run.path} already holds a run: pass --resume {run.path} to continue it, "
                         f"or set a new name (--set name=...)")
-    if resume is not None and not (run_dir / CONFIG_FILE).is_file():
-        raise UserError(f"--resume {resume}: no {CONFIG_FILE} there; give the folder of an earlier run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / ERROR_FILE).unlink(missing_ok=True)
-    with open(run_dir / CONFIG_FILE, "w") as f:
-        yaml.safe_dump(resolved.as_dict(), f, sort_keys=False)
-    return run_dir
+    if resume is not None and not run.has_config():
+        raise UserError(f"--resume {resume}: no {RunDir.CONFIG} there; give the folder of an earlier run")
+    run.write_config(resolved.as_dict())
+    run.clear_error()
+    return run
 
 
 def launch(resolved: Resolved, registry: Registry, plugin_modules: list[str], resume: Path | None = None,
@@ -90,17 +83,18 @@ def launch(resolved: Resolved, registry: Registry, plugin_modules: list[str], re
     # (bench/results.md); `sslcore validate` still runs every check on this machine.
     if address is None:
         check_data(resolved, registry)
-    run_dir = prepare_run_dir(resolved, resume)
-    modules = [*plugin_modules, *resolved.experiment.plugins]
-    spec = make_spec(resolved.as_dict(), run_dir, modules, registry.autoload, source=resolved.source,
-                     launched_at=started, interactive=sys.stdout.isatty())
+    run = prepare_run_dir(resolved, resume)
+    modules = (*plugin_modules, *resolved.experiment.plugins)
+    spec = WorkerSpec(experiment=resolved.as_dict(), run_dir=str(run.path), plugins=modules,
+                      autoload=registry.autoload, source=resolved.source, lines=resolved.lines, cwd=os.getcwd(),
+                      cpus_per_worker=resolved.experiment.scaling.cpus_per_worker, launched_at=started,
+                      interactive=sys.stdout.isatty())
     if resolved.experiment.scaling.backend == "local":
         return train_loop_per_worker(spec)
-    return _fit_on_ray(spec, resolved, run_dir, modules, address)
+    return _fit_on_ray(spec, resolved, run, address)
 
 
-def _fit_on_ray(spec: dict[str, Any], resolved: Resolved, run_dir: Path, modules: list[str],
-                address: str | None) -> dict[str, Any]:
+def _fit_on_ray(spec: WorkerSpec, resolved: Resolved, run: RunDir, address: str | None) -> dict[str, Any]:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -111,7 +105,7 @@ def _fit_on_ray(spec: dict[str, Any], resolved: Resolved, run_dir: Path, modules
     # The hook runs in every process of the job, Ray's own actors too: its module imports no torch
     # (this module's import of torch cost ~2.5 s of start-up on 2 cores; bench/results.md).
     job_env: dict[str, Any] = {"worker_process_setup_hook": "sslcore.engine.ray_worker.quiet_ray_worker"}
-    local_modules = _uninstalled_module_paths(modules)
+    local_modules = _uninstalled_module_paths(list(spec.plugins))
     if local_modules:
         job_env["py_modules"] = local_modules
     started_here = not ray.is_initialized()
@@ -135,30 +129,35 @@ def _fit_on_ray(spec: dict[str, Any], resolved: Resolved, run_dir: Path, modules
     print(f"sslcore: Ray cluster at {ray.get_runtime_context().gcs_address} ({resources.get('CPU', 0):g} CPUs, "
           f"{resources.get('GPU', 0):g} GPUs); {scaling.num_workers} worker(s)", flush=True)
     cpus = scaling.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // scaling.num_workers)
-    spec["experiment"]["scaling"]["cpus_per_worker"] = cpus
+    spec = dataclasses.replace(spec, cpus_per_worker=cpus)
     # Ray Train's print patch sends each worker print to the console twice (logger and tee)
     worker_env = {"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=spec,
+        ray_train_loop,
+        train_loop_config={"spec": spec},  # Ray takes a dict
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent),
+            name=run.path.name, storage_path=str(run.path.parent),
             checkpoint_config=CheckpointConfig(num_to_keep=resolved.experiment.checkpoint.keep),
             failure_config=FailureConfig(max_failures=0), worker_runtime_env=worker_env),
     )
     try:
         result = trainer.fit()
     except Exception:
-        error = run_dir / ERROR_FILE
-        if error.exists():
-            raise UserError(*json.loads(error.read_text())["lines"]) from None
+        lines = run.read_error()
+        if lines:
+            raise UserError(*lines) from None
         raise
     finally:
         if started_here:
             ray.shutdown()
     return dict(result.metrics or {})
+
+
+def ray_train_loop(config: dict[str, WorkerSpec]) -> dict[str, Any]:
+    """What each Ray Train worker runs: the loop, on the spec the driver put in Ray's config dict."""
+    return train_loop_per_worker(config["spec"])
 
 
 def _uninstalled_module_paths(modules: list[str]) -> list[str]:

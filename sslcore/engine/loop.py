@@ -1,47 +1,55 @@
 """The training loop: one function, run by every Ray Train worker or in-process.
 
-``train_loop_per_worker(spec)`` receives a plain dict (see :func:`make_spec`): the resolved experiment,
-the plugin modules to load and the run folder. Each worker rebuilds the registry, the data pipeline and
-the method from it, resumes from the latest checkpoint when there is one, and trains.
+``train_loop_per_worker(spec)`` receives a :class:`WorkerSpec`: the resolved experiment, the plugin modules
+to load and the run folder. Each worker rebuilds the registry, then its parts (``sslcore.engine.build``:
+data, method, optimizer and schedules), resumes from the latest checkpoint when there is one, and trains.
 
 Reproducibility: checkpoints are taken at epoch boundaries, and every epoch seeds torch, numpy, Python
-and the augmentation from ``(seed, epoch, rank)``, so a resumed run repeats the uninterrupted one.
+and the augmentation from ``(seed, epoch, rank)``, so a resumed run repeats the uninterrupted one; every
+schedule is a function of the optimizer step, which the checkpoint restores.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
-import json
 import math
 import os
-import pickle
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
-from sslcore.api.errors import ConfigError, TrainingError, UserError
+from sslcore.api.errors import TrainingError, UserError
+from sslcore.api.recipe import TrainingStep
+from sslcore.config import BlockError, Loc, located_error
+from sslcore.engine.build import build, build_data, build_method, build_optimization, check_input_size
 from sslcore.engine.context import EvalContext, MethodContext
-from sslcore.engine.data import MultiViewDataset, seed_worker
-from sslcore.engine.session import CHECKPOINT_FILE, LocalSession, RaySession, Session
+from sslcore.engine.rundir import CHECKPOINT_FILE, RunDir
+from sslcore.engine.session import LocalSession, RaySession, Session
 from sslcore.engine.tracking import Tracker, progress_bar
-from sslcore.registry import SLOT_KINDS, Registry
-from sslcore.toolkit.lars import build_optimizer
+from sslcore.registry import Registry
 
-ERROR_FILE = "error.json"
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def make_spec(experiment: dict[str, Any], run_dir: Path, plugins: list[str], autoload: bool,
-              source: str = "", launched_at: float | None = None, interactive: bool = False) -> dict[str, Any]:
-    """The plain, picklable dict that every worker gets."""
-    return {"experiment": experiment, "run_dir": str(run_dir), "plugins": plugins, "autoload": autoload,
-            "source": source, "cwd": os.getcwd(), "launched_at": launched_at, "interactive": interactive}
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the driver hands every worker (picklable): the resolved experiment and where it comes from."""
+
+    experiment: dict[str, Any]  # as in the run's config.yaml
+    run_dir: str
+    plugins: tuple[str, ...] = ()  # modules to load as plugins (-p and the file's plugins:)
+    autoload: bool = True  # load installed plugins through their entry points
+    source: str = ""  # the experiment file, for errors
+    lines: dict[Loc, int] = field(default_factory=dict)  # the line of each key of the file, for errors
+    cwd: str = ""  # the user's folder: relative paths in the file are relative to it
+    cpus_per_worker: float | None = None  # default: the machine's CPUs / workers
+    launched_at: float | None = None  # time.time() when the command started
+    interactive: bool = False  # a person watches at a terminal: draw a progress bar
 
 
 def cpu_has_native_bf16() -> bool:
@@ -73,44 +81,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_method(experiment: dict[str, Any], registry: Registry, context: MethodContext) -> torch.nn.Module:
-    """Build the method of a resolved experiment with the components of its slots.
-
-    A factory's ``ValueError`` (e.g. a queue size that does not fit the batch) becomes a config error
-    naming the block.
-    """
-    method_block = experiment["method"]
-    component = registry.get("method", method_block["name"])
-    built: dict[str, Any] = {}
-    for slot in component.extra.get("slots", {}):
-        if slot == "augmentation":
-            continue
-        block = experiment[slot]
-        kwargs: dict[str, Any] = {}
-        if SLOT_KINDS[slot] == "negative_source":
-            kwargs = {"dim": experiment["method"].get("dim", 128), "global_batch_size": context.global_batch_size,
-                      "dataset_size": context.dataset_size}
-        built[slot] = _build(registry, SLOT_KINDS[slot], slot, block, **kwargs)
-    return _build(registry, "method", "method", method_block, context=context, **built)
-
-
-def _build(registry: Registry, kind: str, slot: str, block: dict[str, Any], **kwargs: Any) -> Any:
-    try:
-        return registry.build(kind, block, **kwargs)
-    except ValueError as exc:
-        raise ConfigError(f"{slot}: {exc}") from None
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
-    """Linear warmup to 1, then cosine decay to 0 (or constant)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def compile_submodules(method: torch.nn.Module) -> None:
     """``torch.compile`` each child of the method that holds parameters (encoders, heads), in place, so
     parameter names and checkpoints are unchanged. The method's own forward (queues, shuffles, gathers:
@@ -125,12 +95,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class Trainer:
-    def __init__(self, spec: dict[str, Any], session: Session) -> None:
+    def __init__(self, spec: WorkerSpec, session: Session) -> None:
         self.spec, self.session = spec, session
-        self.cfg: dict[str, Any] = spec["experiment"]
+        self.cfg: dict[str, Any] = spec.experiment
         self.train_cfg: dict[str, Any] = self.cfg["train"]
-        self.run_dir = Path(spec["run_dir"])
-        self.registry = Registry(autoload=spec["autoload"], modules=spec["plugins"])
+        self.run = RunDir(spec.run_dir)
+        self.registry = Registry(autoload=spec.autoload, modules=spec.plugins)
         self.is_main = session.rank == 0
         self.device = session.device
         self.autocast_dtype = AUTOCAST_DTYPES[resolve_precision(self.train_cfg["precision"], self.device)]
@@ -140,8 +110,7 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------------
 
     def _threads(self) -> tuple[int, int]:
-        cpus = self.cfg["scaling"]["cpus_per_worker"] or max(1, (os.cpu_count() or 1) //
-                                                             self.cfg["scaling"]["num_workers"])
+        cpus = self.spec.cpus_per_worker or max(1, (os.cpu_count() or 1) // self.cfg["scaling"]["num_workers"])
         threads = max(1, int(cpus))
         loader_workers = self.train_cfg["loader_workers"]
         if loader_workers is None:
@@ -149,93 +118,81 @@ class Trainer:
         return threads, loader_workers
 
     def setup(self) -> None:
-        threads, self.loader_workers = self._threads()
-        if self.device.type == "cpu":
-            torch.set_num_threads(threads)
-        seed_everything(epoch_seed(self.cfg["seed"], -1, self.session.rank))
-        augmentation = _build(self.registry, "augmentation", "augmentation", self.cfg["augmentation"])
-        self.augmentation = augmentation
-        dataset = self.registry.build("dataset", self.cfg["data"])
-        self.dataset = MultiViewDataset(dataset, augmentation)
-        self.batch_size = self.train_cfg["batch_size"] // self.session.world_size
-        self.generator = torch.Generator()
-        # Each worker reads its own shard in an order set by (seed, epoch): the sampler is made here rather
-        # than by Ray, whose default sampler ignores the experiment's seed.
-        self.sampler = None
-        if self.session.world_size > 1:
-            self.sampler = DistributedSampler(self.dataset, num_replicas=self.session.world_size,
-                                              rank=self.session.rank, shuffle=True, seed=self.cfg["seed"],
-                                              drop_last=True)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.sampler is None,
-                            sampler=self.sampler,
-                            drop_last=True, num_workers=self.loader_workers, worker_init_fn=seed_worker,
-                            generator=self.generator, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False)
-        self.loader = self.session.prepare_loader(loader)
-        steps = len(self.loader)
-        if steps == 0:
-            raise TrainingError(f"data: {len(dataset)} images are fewer than one batch of {self.batch_size} per "
-                                f"worker: lower train.batch_size or add images")
-        cap = self.train_cfg["max_steps_per_epoch"]
-        self.steps_per_epoch = min(steps, cap) if cap else steps
-        self.epochs = self.train_cfg["epochs"]
-        self.total_steps = self.steps_per_epoch * self.epochs
-        self.eval_context = EvalContext(
-            registry=self.registry, eval_transform=augmentation.eval, train_data=self.cfg["data"],
-            device=self.device, batch_size=max(self.batch_size, 256), num_workers=self.loader_workers,
-            channels_last=self.channels_last, autocast_dtype=self.autocast_dtype, run_dir=self.run_dir,
-            labelled_transform=getattr(augmentation, "labelled", None))
-        self.method_context = MethodContext(
-            world_size=self.session.world_size, rank=self.session.rank,
-            global_batch_size=self.train_cfg["batch_size"], steps_per_epoch=self.steps_per_epoch,
-            epochs=self.epochs, device=self.device, run_dir=self.run_dir, registry=self.registry,
-            eval_context=self.eval_context, dataset_size=len(self.dataset))
         try:
-            method = build_method(self.cfg, self.registry, self.method_context)
-        except ConfigError as exc:
-            raise ConfigError(*(f"{self.spec['source'] or 'experiment'}: {line}" for line in exc.lines)) from None
-        if self.channels_last:
-            method = method.to(memory_format=torch.channels_last)
-        if self.train_cfg["compile"]:
-            compile_submodules(method)
-        self.model = self.session.prepare_model(method)
-        self.method = unwrap(self.model)
-        # methods with per-sample state (PCL) take the batch's dataset indices
-        self.pass_index = "index" in inspect.signature(self.method.forward).parameters
-        self.optimizer = build_optimizer(self.method, self.train_cfg["optimizer"])
-        warmup_steps = round(self.train_cfg["warmup_epochs"] * self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, warmup_steps, self.total_steps, self.train_cfg["schedule"]))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
-        self.evaluators = [_build(self.registry, "evaluator", f"evaluators[{i}]", block)
-                           for i, block in enumerate(self.cfg["evaluators"])]
+            self._build()
+        except BlockError as exc:
+            raise located_error(self.spec.source or "experiment", self.spec.lines, exc.loc, exc.message) from None
         self.start_epoch, self.step, aim_hash = 0, 0, None
-        with self.session.latest_checkpoint() as folder:
-            if folder is not None:
-                aim_hash = self.load_checkpoint(folder / CHECKPOINT_FILE)
+        with self.session.latest_checkpoint() as path:
+            if path is not None:
+                aim_hash = self.load_checkpoint(path)
         self.tracker = None
         if self.is_main:
             aim_cfg = self.cfg["tracking"]["aim"]
             repo = None
             if aim_cfg is not None:
                 repo = aim_cfg["repo"] or str(Path(self.cfg["output_dir"]).resolve() / ".aim")
-            self.tracker = Tracker(self.run_dir, self.cfg["name"], repo,
+            self.tracker = Tracker(self.run.metrics_file, self.cfg["name"], repo,
                                    aim_cfg["experiment"] if aim_cfg else None, self.cfg, run_hash=aim_hash)
+
+    def _build(self) -> None:
+        threads, self.loader_workers = self._threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        seed_everything(epoch_seed(self.cfg["seed"], -1, self.session.rank))
+        self.data = build_data(self.cfg, self.registry, self.session.rank, self.session.world_size,
+                               self.loader_workers, pin_memory=self.device.type == "cuda")
+        self.loader = self.session.prepare_loader(self.data.loader)
+        steps = len(self.loader)
+        if steps == 0:
+            raise TrainingError(f"data: {len(self.data.dataset)} images are fewer than one batch of "
+                                f"{self.data.batch_size} per worker: lower train.batch_size or add images")
+        cap = self.train_cfg["max_steps_per_epoch"]
+        self.steps_per_epoch = min(steps, cap) if cap else steps
+        self.epochs = self.train_cfg["epochs"]
+        self.total_steps = self.steps_per_epoch * self.epochs
+        augmentation = self.data.augmentation
+        self.eval_context = EvalContext(
+            registry=self.registry, eval_transform=augmentation.eval, train_data=self.cfg["data"],
+            device=self.device, batch_size=max(self.data.batch_size, 256), num_workers=self.loader_workers,
+            channels_last=self.channels_last, autocast_dtype=self.autocast_dtype, run_dir=self.run.path,
+            labelled_transform=augmentation.labelled)
+        self.method_context = MethodContext(
+            world_size=self.session.world_size, rank=self.session.rank,
+            global_batch_size=self.train_cfg["batch_size"], steps_per_epoch=self.steps_per_epoch,
+            epochs=self.epochs, device=self.device, dataset_size=len(self.data.dataset), run_dir=self.run.path,
+            registry=self.registry, eval_context=self.eval_context)
+        method = build_method(self.cfg, self.registry, self.method_context)
+        check_input_size(method, augmentation)
+        if self.channels_last:
+            method = method.to(memory_format=torch.channels_last)
+        if self.train_cfg["compile"]:
+            compile_submodules(method)
+        self.model = self.session.prepare_model(method)
+        self.method = unwrap(self.model)
+        self.optimization = build_optimization(self.method, self.cfg, self.registry, self.steps_per_epoch,
+                                               self.total_steps)
+        self.optimizer, self.scheduler = self.optimization.optimizer, self.optimization.scheduler
+        self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.schedules = self.method.schedules()
+        self.values: dict[str, float] = {}  # the scheduled hyperparameters at the last step
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+        self.evaluators = [build(self.registry, "evaluator", ("evaluators", i), block)
+                           for i, block in enumerate(self.cfg["evaluators"])]
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
     def state(self, epoch: int) -> dict[str, Any]:
         return {"model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": epoch, "step": self.step,
+                "epoch": epoch, "step": self.step, "dataset_size": len(self.data.dataset),
                 "aim_run_hash": self.tracker.run_hash if self.tracker else None}
 
     def load_checkpoint(self, path: Path) -> str | None:
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            raise TrainingError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}): "
-                                f"delete {path.parent} to resume from the checkpoint before it") from None
+        state = RunDir.load_checkpoint(path)
+        if state["dataset_size"] != len(self.data.dataset):
+            raise TrainingError(f"checkpoint {path} was trained on {state['dataset_size']} images and the data "
+                                f"block now gives {len(self.data.dataset)}: resume with the run's data")
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -256,28 +213,52 @@ class Trainer:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         return [v.to(self.device, non_blocking=True, memory_format=memory_format) for v in views]
 
-    def train_step(self, views: list[torch.Tensor], index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def train_step(self, views: list[torch.Tensor], index: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
         """One optimisation step on a batch of views already on the device; returns the method's outputs.
-        ``index``: the images' dataset indices, passed on to methods whose ``forward`` takes ``index``."""
-        kwargs = {"index": index.to(self.device, non_blocking=True)} if self.pass_index and index is not None else {}
+        ``index``: the images' dataset indices, passed on to methods that declare ``uses_index``."""
+        step = TrainingStep(index=self.step, epoch=epoch, steps_per_epoch=self.steps_per_epoch,
+                            total_steps=self.total_steps,
+                            values={name: schedule.at(self.step, self.steps_per_epoch, self.total_steps)
+                                    for name, schedule in self.schedules.items()})
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            out = self.model(views, **kwargs)
+            if self.method.uses_index:
+                out = self.model(views, index.to(self.device, non_blocking=True))
+            else:
+                out = self.model(views)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out["loss"]).backward()
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)  # the hooks and the clipping see the true gradients
+        if self.optimization.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.optimization.grad_clip)
+        self.method.before_optimizer_step(step)
+        if self.optimization.weight_decay is not None:
+            weight_decay = self.optimization.weight_decay.at(self.step, self.steps_per_epoch, self.total_steps)
+            for group in self.optimizer.param_groups:
+                if group["scheduled_weight_decay"]:
+                    group["weight_decay"] = weight_decay
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        self.method.after_optimizer_step(step)
         self.step += 1
+        self.values = dict(step.values)
         return out
+
+    def _learning_rates(self) -> dict[str, float]:
+        """The lr of the first group as ``lr``, of each other group as ``lr_<group>``."""
+        rates = self.scheduler.get_last_lr()
+        names = self.optimization.group_names
+        return {"lr": rates[0], **{f"lr_{name}": rate for name, rate in zip(names[1:], rates[1:])}}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         seed = epoch_seed(self.cfg["seed"], epoch, self.session.rank)
         seed_everything(seed)
-        self.generator.manual_seed(seed)
-        self.dataset.set_seed(seed)
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+        self.data.generator.manual_seed(seed)
+        self.data.dataset.set_seed(seed)
+        if self.data.sampler is not None:
+            self.data.sampler.set_epoch(epoch)
         start_metrics = self.epoch_start(epoch)
         self.model.train()
         bar = self.bar  # None unless a person watches at a terminal
@@ -287,12 +268,12 @@ class Trainer:
         window_steps = images = window_images = 0
         epoch_start = window_start = time.perf_counter()
         for i, (views, _, index) in enumerate(itertools.islice(self.loader, self.steps_per_epoch)):
-            out = self.train_step(self._images(views), index)
+            out = self.train_step(self._images(views), index, epoch)
             loss = out["loss"]
-            if self.step == 1 and self.is_main and self.spec.get("launched_at"):
-                startup = time.time() - self.spec["launched_at"]
+            if self.step == 1 and self.is_main and self.spec.launched_at:
+                startup = time.time() - self.spec.launched_at
                 print(f"sslcore: first step {startup:.1f} s after start", flush=True)
-                self._write_summary({"startup_seconds": startup})
+                self.run.update_summary({"startup_seconds": startup})
             window_sum += loss.detach()
             window_steps += 1
             n = views[0].shape[0] * self.session.world_size
@@ -302,8 +283,8 @@ class Trainer:
                 window_loss = (window_sum / window_steps).item()
                 self._check_finite(window_loss, epoch)
                 now = time.perf_counter()
-                metrics = {"loss": window_loss, "lr": self.scheduler.get_last_lr()[0],
-                           "img_per_s": window_images / (now - window_start)}
+                metrics = {"loss": window_loss, **self._learning_rates(),
+                           "img_per_s": window_images / (now - window_start), **self.values}
                 metrics.update({k: float(v) for k, v in out.items() if k != "loss"})
                 epoch_sum += window_sum
                 window_sum.zero_()
@@ -322,8 +303,6 @@ class Trainer:
     def epoch_start(self, epoch: int) -> dict[str, float]:
         """The method's ``on_epoch_start`` (an E-step); its scalar metrics are returned for the epoch's line,
         and all it returns (distributions too) goes to the tracker."""
-        if not hasattr(self.method, "on_epoch_start"):
-            return {}
         metrics = self.method.on_epoch_start(epoch, self.method_context) or {}
         if self.tracker is not None and metrics:
             self.tracker.log(metrics, step=self.step, epoch=epoch, subset="epoch_start")
@@ -331,8 +310,6 @@ class Trainer:
 
     def train_end(self) -> None:
         """The method's ``on_train_end`` (final pictures), on every worker; what it returns is tracked."""
-        if not hasattr(self.method, "on_train_end"):
-            return
         metrics = self.method.on_train_end(self.method_context) or {}
         if self.tracker is not None and metrics:
             self.tracker.log(metrics, step=self.step, epoch=self.epochs - 1, subset="train_end")
@@ -340,9 +317,9 @@ class Trainer:
     def _check_finite(self, loss: float, epoch: int) -> None:
         if not math.isfinite(loss):
             raise TrainingError(
-                f"loss is {loss} at epoch {epoch + 1}, step {self.step} of {self.spec['source'] or 'the run'}: "
+                f"loss is {loss} at epoch {epoch + 1}, step {self.step} of {self.spec.source or 'the run'}: "
                 f"lower train.optimizer.lr or use train.precision: fp32; checkpoints up to the previous epoch "
-                f"are kept in {self.run_dir} and --resume continues from them")
+                f"are kept in {self.run.path} and --resume continues from them")
 
     def evaluate(self, epoch: int, final: bool) -> dict[str, float]:
         results: dict[str, float] = {}
@@ -369,17 +346,17 @@ class Trainer:
         self.setup()
         # one bar for the whole run, for a person at a terminal; logs get the per-epoch lines only
         self.bar = None
-        if self.is_main and self.cfg["tracking"]["progress_bar"] and self.spec.get("interactive"):
+        if self.is_main and self.cfg["tracking"]["progress_bar"] and self.spec.interactive:
             self.bar = progress_bar(self.total_steps, under_ray=isinstance(self.session, RaySession))
             self.bar.update(self.start_epoch * self.steps_per_epoch)
         if self.is_main and self.start_epoch > 0:
-            print(f"sslcore: resuming {self.run_dir} at epoch {self.start_epoch + 1}", flush=True)
+            print(f"sslcore: resuming {self.run.path} at epoch {self.start_epoch + 1}", flush=True)
         last: dict[str, Any] = {}
         if self.train_cfg["eval_at_start"] and self.start_epoch == 0:
             initial = self.evaluate(-1, final=True)
             if self.is_main and initial:
                 print("sslcore: before training (random-init floor): " + _fmt(initial), flush=True)
-                self._write_summary({"initial": initial})
+                self.run.update_summary({"initial": initial})
         every = self.cfg["checkpoint"]["every_epochs"]
         for epoch in range(self.start_epoch, self.epochs):
             metrics = self.train_epoch(epoch)
@@ -396,17 +373,11 @@ class Trainer:
             self.bar.close()
         self.train_end()
         if self.is_main:
-            torch.save(self.method.backbone.state_dict(), self.run_dir / "backbone.pt")
-            self._write_summary({"final": last})
+            torch.save(self.method.backbone.state_dict(), self.run.backbone_file)
+            self.run.update_summary({"final": last})
             if self.tracker is not None:
                 self.tracker.close()
         return last
-
-    def _write_summary(self, update: dict[str, Any]) -> None:
-        path = self.run_dir / "summary.json"
-        summary = json.loads(path.read_text()) if path.exists() else {}
-        summary.update(update)
-        path.write_text(json.dumps(summary, indent=2))
 
 
 def _fmt(metrics: dict[str, Any]) -> str:
@@ -414,20 +385,20 @@ def _fmt(metrics: dict[str, Any]) -> str:
                     if k not in ("epoch",))
 
 
-def train_loop_per_worker(spec: dict[str, Any]) -> dict[str, Any]:
+def train_loop_per_worker(spec: WorkerSpec) -> dict[str, Any]:
     """The loop each Ray Train worker runs (also called in-process for ``scaling.backend: local``)."""
-    backend = spec["experiment"]["scaling"]["backend"]
-    run_dir = Path(spec["run_dir"])
-    if os.path.isdir(spec.get("cwd", "")):
-        os.chdir(spec["cwd"])  # Ray starts workers elsewhere; relative paths in the file mean the user's folder
+    backend = spec.experiment["scaling"]["backend"]
+    run = RunDir(spec.run_dir)
+    if os.path.isdir(spec.cwd):
+        os.chdir(spec.cwd)  # Ray starts workers elsewhere; relative paths in the file mean the user's folder
     if backend == "ray":
         session: Session = RaySession()
     else:
-        session = LocalSession(run_dir, keep=spec["experiment"]["checkpoint"]["keep"],
-                               use_gpu=spec["experiment"]["scaling"]["use_gpu"])
+        session = LocalSession(run, keep=spec.experiment["checkpoint"]["keep"],
+                               use_gpu=spec.experiment["scaling"]["use_gpu"])
     try:
         return Trainer(spec, session).fit()
     except UserError as exc:
         # Ray wraps worker exceptions; the driver reads this file to print the user's error plainly.
-        (run_dir / ERROR_FILE).write_text(json.dumps({"rank": session.rank, "lines": exc.lines}))
+        run.write_error(session.rank, exc.lines)
         raise

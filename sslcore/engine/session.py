@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-CHECKPOINT_FILE = "state.pt"
+from sslcore.engine.rundir import CHECKPOINT_FILE, RunDir
 
 
 class Session:
@@ -32,6 +32,7 @@ class Session:
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
+        """The state.pt file of the run's latest checkpoint, readable inside the context; None: a new run."""
         yield None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
@@ -42,33 +43,29 @@ class Session:
 
 
 class LocalSession(Session):
-    """One process, no process group: checkpoints go straight to ``run_dir/checkpoint_<epoch>``."""
+    """One process, no process group: checkpoints go straight to the run folder's ``checkpoint_<epoch>``."""
 
-    def __init__(self, run_dir: Path, keep: int, use_gpu: bool) -> None:
-        self.run_dir, self.keep = run_dir, keep
+    def __init__(self, run: RunDir, keep: int, use_gpu: bool) -> None:
+        self.run, self.keep = run, keep
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
     def temp_checkpoint_dir(self) -> Path:
         # in the run folder, so that moving it into place is an atomic rename: a crash leaves no half checkpoint
-        return Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=self.run_dir))
-
-    def _checkpoints(self) -> list[Path]:
-        return sorted(p for p in self.run_dir.glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file())
+        return Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=self.run.path))
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
-        found = self._checkpoints()
-        yield found[-1] if found else None
+        yield self.run.latest_checkpoint()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is None:
             return
-        target = self.run_dir / f"checkpoint_{int(metrics['epoch']):06d}"
+        target = self.run.checkpoint_folder(int(metrics["epoch"]))
         if target.exists():
             shutil.rmtree(target)
         shutil.move(str(checkpoint_dir), target)
-        for old in self._checkpoints()[:-self.keep]:
-            shutil.rmtree(old)
+        for old in self.run.checkpoints()[:-self.keep]:
+            shutil.rmtree(old.parent)
 
 
 class RaySession(Session):
@@ -87,7 +84,9 @@ class RaySession(Session):
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         # Buffers need no broadcast each step: queues and memory banks are kept identical by gathering
-        # keys, and BatchNorm statistics stay per worker as in the official multi-GPU recipes.
+        # keys, and BatchNorm statistics stay per worker (the official multi-GPU recipes of MoCo and PCL;
+        # SimCLR, BYOL, SimSiam, Barlow Twins and VICReg share them with SyncBatchNorm, which sslcore does
+        # not use yet).
         return self._torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
 
     def prepare_loader(self, loader: DataLoader) -> DataLoader:
@@ -100,7 +99,7 @@ class RaySession(Session):
             yield None
             return
         with checkpoint.as_directory() as folder:
-            yield Path(folder)
+            yield Path(folder) / CHECKPOINT_FILE
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None

@@ -13,14 +13,14 @@ HISTOGRAM_BINS = 32
 
 
 class Tracker:
-    """Writes metrics to ``run_dir/metrics.jsonl`` and, when configured, to an aim run.
+    """Writes metrics to the run's metrics.jsonl and, when configured, to an aim run.
 
     ``run_hash`` continues the aim run of an interrupted training (it is stored in checkpoints).
     """
 
-    def __init__(self, run_dir: Path, name: str, aim_repo: str | None, aim_experiment: str | None,
+    def __init__(self, metrics_file: Path, name: str, aim_repo: str | None, aim_experiment: str | None,
                  hparams: dict[str, Any], run_hash: str | None = None) -> None:
-        self.metrics_file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 — closed in close()
+        self.metrics_file = open(metrics_file, "a")  # noqa: SIM115 — closed in close()
         self.aim_run = None
         if aim_repo is not None:
             import aim

@@ -1,13 +1,11 @@
-"""Optimizers of the ``train.optimizer`` block: SGD, AdamW (torch's) and LARS.
-
-LARS (You et al. 2017, "Large Batch Training of Convolutional Networks") is SGD with momentum in which
-the step of each weight tensor w is scaled by its trust ratio
+"""LARS (You et al. 2017, "Large Batch Training of Convolutional Networks"): SGD with momentum in which the
+step of each weight tensor w is scaled by its trust ratio
 
     eta ||w|| / ||g + lambda w||        (g its gradient, lambda the weight decay, eta the trust coefficient)
 
-so every layer moves by about the same fraction of its norm, whatever the batch size. SimCLR, BYOL and
-Barlow Twins use it with biases and normalisation parameters excluded from both the weight decay and
-the scaling (``exclude_bias_and_norm``): those are the 1-D parameters.
+so every layer moves by about the same fraction of its norm, whatever the batch size. SimCLR, BYOL, Barlow
+Twins and VICReg use it with biases and normalisation parameters (the 1-D ones) excluded from both the
+weight decay and the scaling: their recipes' ``bias_and_norm`` parameter group, ``lars_exclude``.
 """
 
 from __future__ import annotations
@@ -23,15 +21,20 @@ class LARS(torch.optim.Optimizer):
 
     d = g + lambda w;  d <- d * eta ||w|| / ||d|| (when both norms are positive);  mu <- m mu + d;  w <- w - lr mu
 
-    A parameter group with ``lars_exclude=True`` skips the first two lines (plain SGD with momentum).
+    A parameter group with ``lars_exclude=True`` skips the trust ratio (SGD with momentum); one with weight
+    decay 0 skips lambda w. The official recipes exempt biases and norms from both (two separate filters in
+    their code, two settings of a parameter group here).
     The learning rate multiplies the momentum buffer, as in Barlow Twins' code; SimCLR's TensorFlow code
     puts it inside the buffer (mu <- m mu + lr d), which differs only while lr changes (warm-up, decay).
+
+    ``clip_lr`` is LARC's clipping (NVIDIA apex, solo-learn's LARS): the trust ratio is capped at 1 / lr,
+    so that no layer's step exceeds the global lr times its direction, ``d <- d * min(trust / lr, 1)``.
     """
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001) -> None:
+                 trust_coefficient: float = 0.001, clip_lr: bool = False) -> None:
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-                    "trust_coefficient": trust_coefficient, "lars_exclude": False}
+                    "trust_coefficient": trust_coefficient, "clip_lr": clip_lr, "lars_exclude": False}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -44,12 +47,13 @@ class LARS(torch.optim.Optimizer):
             for w in group["params"]:
                 if w.grad is None:
                     continue
-                d = w.grad
+                d = w.grad.add(w, alpha=group["weight_decay"]) if group["weight_decay"] else w.grad
                 if not group["lars_exclude"]:
-                    d = d.add(w, alpha=group["weight_decay"])
                     w_norm, d_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(d)
                     trust = torch.where((w_norm > 0) & (d_norm > 0),
                                         group["trust_coefficient"] * w_norm / d_norm, torch.ones_like(w_norm))
+                    if group["clip_lr"] and group["lr"] > 0:
+                        trust = torch.clamp(trust / group["lr"], max=1.0)
                     d = d.mul(trust)
                 state = self.state[w]
                 if "mu" not in state:
@@ -58,20 +62,3 @@ class LARS(torch.optim.Optimizer):
                 mu.mul_(group["momentum"]).add_(d)
                 w.add_(mu, alpha=-group["lr"])
         return loss
-
-
-def build_optimizer(model: torch.nn.Module, block: dict[str, Any]) -> torch.optim.Optimizer:
-    """The optimizer of a validated ``train.optimizer`` block over the trainable parameters of ``model``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if block["name"] == "sgd":
-        return torch.optim.SGD(params, lr=block["lr"], momentum=block["momentum"],
-                               weight_decay=block["weight_decay"], nesterov=block["nesterov"])
-    if block["name"] == "lars":
-        groups: list[dict[str, Any]] = [{"params": params}]
-        if block["exclude_bias_and_norm"]:
-            groups = [{"params": [p for p in params if p.ndim > 1]},
-                      {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars_exclude": True}]
-        return LARS([g for g in groups if g["params"]], lr=block["lr"], momentum=block["momentum"],
-                    weight_decay=block["weight_decay"], trust_coefficient=block["trust_coefficient"])
-    return torch.optim.AdamW(params, lr=block["lr"], betas=tuple(block["betas"]),
-                             weight_decay=block["weight_decay"], eps=block["eps"])

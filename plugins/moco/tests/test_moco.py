@@ -10,15 +10,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
-from sslcore_moco import MoCo, MoCoConfig, SplitBatchNorm, convert_split_batchnorm
+from sslcore_moco import MoCo, MoCoConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sslcore.api.errors import TrainingError
-from sslcore.components.encoders import plain_torchvision_resnet
+from sslcore.api.recipe import TrainingStep
 from sslcore.engine.context import MethodContext
 from sslcore.registry import Registry
+from sslcore.testing import built_slots
+from sslcore.toolkit.batchnorm import SplitBatchNorm
 
 BATCH = 16  # per worker
 SIZE = 16  # px
@@ -34,7 +35,12 @@ def build_moco(registry: Registry, *, world_size: int = 1, rank: int = 0, batch:
     source = registry.build("negative_source", negatives or {"name": "queue", "size": queue}, dim=config.dim,
                             global_batch_size=context.global_batch_size, dataset_size=context.dataset_size)
     loss_fn = registry.build("loss", loss or {"name": "info_nce", "temperature": 0.2})
-    return MoCo(config, context=context, encoder=encoder, negatives=source, loss=loss_fn)
+    return MoCo(config, context=context, slots=built_slots(encoder=encoder, negatives=source, loss=loss_fn))
+
+
+def after_step(model: MoCo, index: int = 0) -> None:
+    """What the engine calls after each optimizer step: the momentum update of f_k."""
+    model.after_optimizer_step(TrainingStep(index=index, epoch=0, steps_per_epoch=1, total_steps=10))
 
 
 def images(n: int = BATCH, seed: int = 0) -> torch.Tensor:
@@ -83,12 +89,13 @@ def test_momentum_update_follows_the_formula(registry: Registry) -> None:
         assert torch.equal(p_q, before_q)
 
 
-def test_the_key_encoder_is_updated_before_it_encodes_the_keys(registry: Registry) -> None:
+def test_the_key_encoder_is_updated_after_each_step_before_it_encodes_the_next_keys(registry: Registry) -> None:
     torch.manual_seed(0)
     model = build_moco(registry, momentum=0.0)  # m = 0: theta_k becomes theta_q
-    with torch.no_grad():
+    with torch.no_grad():  # as an optimizer step does
         for p in query_parameters(model):
             p.add_(torch.randn_like(p))
+    after_step(model)
     seen: list[torch.Tensor] = []
     model.key_head.register_forward_hook(lambda module, args, out: seen.append(module[0].weight.clone()))
     model([images(seed=1), images(seed=2)])
@@ -108,10 +115,11 @@ def test_momentum_zero_encodes_keys_with_this_steps_query_encoder(registry: Regi
         query_encoder = copy.deepcopy(nn.Sequential(model.backbone, model.head))  # f_q as this step starts
 
         model([im_q, im_k])["loss"].backward()
+        assert all(torch.equal(p_k, p_q) for p_k, p_q in zip(key_parameters(model), theta_q))
         optimizer.step()
         optimizer.zero_grad()
+        after_step(model, step)
 
-        assert all(torch.equal(p_k, p_q) for p_k, p_q in zip(key_parameters(model), theta_q))
         with torch.no_grad():
             torch.testing.assert_close(keys[step], query_encoder(im_k), rtol=0, atol=0)
     assert not all(torch.equal(p, q) for p, q in zip(query_parameters(model), theta_q)), "f_q did not move"
@@ -131,6 +139,7 @@ def test_memory_bank_negatives_train_moco(registry: Registry) -> None:
         assert all(p.grad is not None for p in query_parameters(model))
         optimizer.step()
         optimizer.zero_grad()
+        after_step(model, step)
     assert int(model.negative_source.step) == 2
     assert not (bank[:2 * BATCH] == initial[:2 * BATCH]).all(dim=1).any(), "an image's entry was not written"
     assert torch.equal(bank[2 * BATCH:], initial[2 * BATCH:])
@@ -155,89 +164,6 @@ train: {{batch_size: 256}}
     out = run_cli("validate", "experiment.yaml", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert f"negatives={negatives.split()[1].rstrip(',}')}" in out.stdout
-
-
-def test_split_batchnorm_normalizes_each_group_with_its_own_statistics() -> None:
-    torch.manual_seed(0)
-    splits, n, c = 4, 12, 3
-    bn = SplitBatchNorm(c, num_splits=splits)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 2.0)
-        bn.bias.uniform_(-1.0, 1.0)
-    x = (torch.randn(n, c, 5, 5) * 3 + 1).requires_grad_()
-    grad_out = torch.randn(n, c, 5, 5)
-
-    out = bn(x)
-    out.backward(grad_out)
-
-    # the reference: each group (a contiguous slice of n / splits samples) through plain batch norm
-    x_ref = x.detach().clone().requires_grad_()
-    weight, bias = bn.weight.detach().clone().requires_grad_(), bn.bias.detach().clone().requires_grad_()
-    size = n // splits
-    groups = [x_ref[g * size:(g + 1) * size] for g in range(splits)]
-    expected = torch.cat([F.batch_norm(group, None, None, weight, bias, training=True, eps=bn.eps)
-                          for group in groups])
-    expected.backward(grad_out)
-    expected_mean = sum(0.1 * group.detach().mean(dim=(0, 2, 3)) for group in groups) / splits
-    expected_var = sum(0.9 + 0.1 * group.detach().var(dim=(0, 2, 3), unbiased=True) for group in groups) / splits
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(x.grad, x_ref.grad)
-    torch.testing.assert_close(bn.weight.grad, weight.grad)
-    torch.testing.assert_close(bn.bias.grad, bias.grad)
-    torch.testing.assert_close(bn.running_mean, expected_mean)
-    torch.testing.assert_close(bn.running_var, expected_var)
-    assert int(bn.num_batches_tracked) == 1
-
-    x_channels_last = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-    channels_last = bn(x_channels_last)
-    channels_last.backward(grad_out.contiguous(memory_format=torch.channels_last))
-    assert channels_last.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(channels_last, expected)
-    torch.testing.assert_close(x_channels_last.grad, x_ref.grad)
-
-    plain = nn.BatchNorm2d(c)
-    assert list(bn.state_dict()) == list(plain.state_dict())
-    plain.load_state_dict(bn.state_dict())
-    torch.testing.assert_close(bn.eval()(x), plain.eval()(x))
-
-
-def test_split_batchnorm_under_bf16_autocast_matches_plain_batch_norm_per_group() -> None:
-    torch.manual_seed(0)
-    bn = SplitBatchNorm(4, num_splits=2).to(memory_format=torch.channels_last)
-    x = torch.randn(8, 4, 6, 6).contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = bn(x.bfloat16())
-    expected = torch.cat([F.batch_norm(group, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
-                          for group in x.bfloat16().float().chunk(2)])
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
-
-
-def test_split_batchnorm_without_affine_parameters_in_double_precision() -> None:
-    bn = SplitBatchNorm(3, num_splits=2, affine=False).double()
-    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
-    expected = torch.cat([F.batch_norm(group, None, None, training=True) for group in x.chunk(2)])
-    torch.testing.assert_close(bn(x), expected)
-
-
-def test_split_batchnorm_refuses_groups_too_small_for_batch_statistics() -> None:
-    bn = SplitBatchNorm(3, num_splits=4)
-    with pytest.raises(ValueError, match="use a larger batch size or a smaller bn_splits"):
-        bn(torch.randn(4, 3, 1, 1))
-    with pytest.raises(ValueError, match="divisible by bn_splits=4"):
-        bn(torch.randn(6, 3, 2, 2))
-
-
-def test_converted_backbone_keeps_its_weights_and_loads_into_plain_torchvision(registry: Registry) -> None:
-    encoder = registry.get("encoder", "resnet18").build({"cifar_stem": True})
-    before = {name: value.clone() for name, value in encoder.state_dict().items()}
-    converted = convert_split_batchnorm(encoder, num_splits=4)
-    norms = [m for m in converted.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert norms and all(isinstance(m, SplitBatchNorm) and m.num_splits == 4 for m in norms)
-    after = converted.state_dict()
-    assert list(after) == list(before)
-    assert all(torch.equal(after[name], before[name]) for name in before)
-    plain_torchvision_resnet("resnet18", cifar_stem=True).load_state_dict(after, strict=True)
 
 
 def test_split_shuffle_returns_keys_in_the_order_of_their_images(registry: Registry) -> None:
@@ -296,6 +222,12 @@ def test_bn_splits_must_divide_the_per_worker_batch(registry: Registry) -> None:
         build_moco(registry, bn_splits=3)
 
 
+def test_bn_split_groups_need_two_images_each(registry: Registry) -> None:
+    with pytest.raises(ValueError, match=r"groups of 1 image\(s\) of the per-worker batch of 8.*raise "
+                                         r"train.batch_size to 16 or lower method.bn_splits to 4"):
+        build_moco(registry, batch=8, bn_splits=8)
+
+
 def test_gather_needs_several_workers(registry: Registry) -> None:
     with pytest.raises(ValueError, match="use shuffle_bn: auto or split"):
         build_moco(registry, shuffle_bn="gather")
@@ -305,7 +237,29 @@ def test_the_installed_entry_point_registers_moco() -> None:
     component = Registry(autoload=True).get("method", "moco")
     assert component.distribution == "sslcore-moco"
     assert component.factory is MoCo
-    assert set(component.extra["slots"]) == {"encoder", "augmentation", "negatives", "loss"}
+    assert set(component.slots) == {"encoder", "augmentation", "negatives", "loss"}
+
+
+def test_method_moco_alone_is_the_official_imagenet_recipe(tmp_path: Path) -> None:
+    """facebookresearch/moco main_moco.py @ 7397dfe with the README's v2 flags (--mlp --moco-t 0.2 --aug-plus
+    --cos): SGD, lr 0.03 for batch 256 (the README scales it linearly), momentum 0.9, weight decay 1e-4 on every
+    parameter, cosine without warmup, 200 epochs; ResNet-50, K 65536, m 0.999, T 0.2, MLP head, 128-d."""
+    from sslcore.config import resolve
+
+    registry = Registry(autoload=False, modules=["sslcore_moco.plugin"])
+    experiment = resolve({"method": "moco", "data": {"name": "image_folder", "root": str(tmp_path)}},
+                         registry).as_dict()
+    train = experiment["train"]
+    assert train["optimizer"] == {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4,
+                                  "nesterov": False}
+    assert (train["lr_scaling"], train["batch_size"], train["epochs"]) == ("linear", 256, 200)
+    assert (train["warmup_epochs"], train["schedule"], train["final_lr"]) == (0, "cosine", 0.0)
+    assert train["param_groups"] == {} and train["grad_clip"] is None
+    assert experiment["encoder"]["name"] == "resnet50" and experiment["augmentation"]["scale"] == [0.2, 1.0]
+    assert experiment["negatives"] == {"name": "queue", "size": 65536}
+    assert experiment["loss"] == {"name": "info_nce", "temperature": 0.2}
+    method = experiment["method"]
+    assert (method["momentum"], method["dim"], method["mlp"], method["head_hidden_dim"]) == (0.999, 128, True, None)
 
 
 def _gather_worker(rank: int, init_file: str) -> None:
@@ -335,10 +289,13 @@ def _gather_worker(rank: int, init_file: str) -> None:
         torch.testing.assert_close(k, model.encode_keys(im_k))
 
         ddp = DistributedDataParallel(model.train().to(memory_format=torch.channels_last))
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
         for step in range(2):
             views = [images(8, seed=seed + 2 * rank + step).contiguous(memory_format=torch.channels_last)
                      for seed in (20, 30)]
             ddp(views)["loss"].backward()
+            optimizer.step()
+            after_step(model, step)
         state = torch.cat([p.flatten() for p in key_parameters(model)] + [model.negative_source.queue.flatten()])
         other = [torch.empty_like(state) for _ in range(2)]
         dist.all_gather(other, state)
@@ -367,7 +324,7 @@ def test_a_vit_encoder_block_gives_moco_v3_style_training(registry: Registry, tm
     split-BN conversion finds no BatchNorm in the ViT and leaves it as it is."""
     from sslcore.components.encoders import VisionTransformerEncoder, plain_torchvision_vit
     from sslcore.config import load_experiment
-    from sslcore.engine.loop import build_method
+    from sslcore.engine.build import build_method
 
     (tmp_path / "experiment.yaml").write_text(f"""
 method: {{name: moco, dim: 16, head_hidden_dim: 32}}
@@ -379,7 +336,7 @@ data: {{name: image_folder, root: {tmp_path}}}
     try:
         experiment = load_experiment(tmp_path / "experiment.yaml", registry).as_dict()
         context = MethodContext(world_size=1, rank=0, global_batch_size=BATCH, steps_per_epoch=1, epochs=1,
-                                device=torch.device("cpu"))
+                                device=torch.device("cpu"), dataset_size=64)
         torch.manual_seed(0)
         model = build_method(experiment, registry, context).train()
     finally:
