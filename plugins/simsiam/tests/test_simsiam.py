@@ -1,21 +1,26 @@
 """SimSiam: the loss against its formula written out here, the stop-gradient, the heads of the official code,
-the collapse monitor, two real gloo workers against one process, the plugin contract, and the CIFAR-10
-example through the CLI."""
+the collapse monitor, two real gloo workers against one process, the official recipe and its fixed predictor
+lr through the engine, the plugin contract, and the CIFAR-10 example through the CLI."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 from sslcore_simsiam import NegativeCosineConfig, NegativeCosineLoss, SimSiam, SimSiamConfig
+from sslcore_simsiam.plugin import RECIPE, SLOTS
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from sslcore.api.hookspecs import Augmentation, Encoder, PairedLoss, Slot
+from sslcore.config import resolve
+from sslcore.engine.build import build_method, build_optimization
 from sslcore.engine.context import MethodContext
 from sslcore.registry import Registry
-from sslcore.testing import check_plugin, run_distributed, run_example_briefly, tiny_encoder
+from sslcore.testing import built_slots, check_plugin, run_distributed, run_example_briefly, tiny_encoder
 
 GLOBAL_BATCH = 16
 
@@ -23,8 +28,9 @@ GLOBAL_BATCH = 16
 def build_simsiam(**method) -> SimSiam:
     config = SimSiamConfig(**{"dim": 16, "projector_hidden_dim": 16, "predictor_hidden_dim": 4, **method})
     context = MethodContext(world_size=1, rank=0, global_batch_size=GLOBAL_BATCH, steps_per_epoch=1, epochs=1,
-                            device=torch.device("cpu"))
-    return SimSiam(config, context=context, encoder=tiny_encoder(), loss=NegativeCosineLoss(NegativeCosineConfig()))
+                            device=torch.device("cpu"), dataset_size=GLOBAL_BATCH)
+    slots = built_slots(encoder=tiny_encoder(), loss=NegativeCosineLoss(NegativeCosineConfig()))
+    return SimSiam(config, context=context, slots=slots)
 
 
 def views(n: int = GLOBAL_BATCH, seed: int = 0) -> list[torch.Tensor]:
@@ -45,6 +51,7 @@ def test_negative_cosine_matches_the_formula_also_under_bf16_autocast() -> None:
     generator = torch.Generator().manual_seed(0)
     p, z = torch.randn(6, 5, generator=generator) * 3, torch.randn(6, 5, generator=generator)
     loss_fn = NegativeCosineLoss(NegativeCosineConfig())
+    assert isinstance(loss_fn, PairedLoss) and loss_fn.metrics() == {}
     assert loss_fn(p, z).item() == pytest.approx(formula_d(p, z), rel=1e-5)
     assert loss_fn(p, p * 2).item() == pytest.approx(-1.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -106,6 +113,19 @@ def test_heads_are_those_of_the_official_builder() -> None:
     assert [m.weight.shape for m in model.predictor if isinstance(m, nn.Linear)] == [(8, 32), (32, 8)]
 
 
+def test_the_projector_is_as_wide_as_the_encoder_by_default() -> None:
+    """builder.py: prev_dim = the encoder's feature width, the width of both hidden layers."""
+    model = build_simsiam(projector_hidden_dim=None)
+    assert model.projector.dims == [8, 8, 8, 16]  # tiny_encoder: 8 features; dim 16
+
+
+def test_the_predictor_is_the_parameter_group_predictor() -> None:
+    model = build_simsiam()
+    groups = model.parameter_groups()
+    assert list(groups) == ["predictor"]
+    assert [id(p) for p in groups["predictor"]] == [id(p) for p in model.predictor.parameters()]
+
+
 def test_z_std_is_the_spread_of_the_normalised_projections() -> None:
     torch.manual_seed(0)
     model = build_simsiam().train()
@@ -149,6 +169,59 @@ def test_two_workers_compute_the_loss_and_gradients_of_one_process() -> None:
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_method_simsiam_alone_resolves_to_the_official_recipe(registry: Registry, tmp_path: Path) -> None:
+    """facebookresearch/simsiam main_simsiam.py @ a7bc1772896d0dad0806c51f0bb6f3b16d290468: --epochs 100,
+    --batch-size 512, --lr 0.05 (init_lr = lr x batch_size / 256), --momentum 0.9, --wd 1e-4 on all
+    parameters, cosine without warmup (adjust_learning_rate), and the README's --fix-pred-lr."""
+    registry.add_module("sslcore_simsiam.plugin")
+    experiment = resolve({"method": "simsiam", "data": {"name": "image_folder", "root": str(tmp_path)}},
+                         registry).as_dict()
+    train = experiment["train"]
+    assert train["optimizer"] == {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4,
+                                  "nesterov": False}
+    assert (train["lr_scaling"], train["warmup_epochs"], train["schedule"], train["final_lr"]) == \
+        ("linear", 0, "cosine", 0.0)
+    assert (train["epochs"], train["batch_size"], train["grad_clip"], train["weight_decay_end"]) == \
+        (100, 512, None, None)
+    assert train["param_groups"] == {"predictor": {"lr": None, "weight_decay": None, "lars_exclude": False,
+                                                   "fixed_lr": True}}
+    assert experiment["encoder"]["name"] == "resnet50" and experiment["encoder"]["zero_init_residual"] is True
+    assert experiment["augmentation"]["name"] == "moco_v2"
+    assert experiment["method"] == {"name": "simsiam", "dim": 2048, "projector_hidden_dim": None,
+                                    "predictor_hidden_dim": 512}
+
+
+def test_the_predictor_keeps_its_lr_while_the_rest_follows_the_cosine(registry: Registry, tmp_path: Path) -> None:
+    """Through the engine over a whole schedule: the predictor at init_lr = 0.05 x B/256 (--fix-pred-lr),
+    every other parameter at init_lr x (1 + cos(pi k / K)) / 2 at step k of K, weight decay 1e-4 for all."""
+    registry.add_module("sslcore_simsiam.plugin")
+    batch, steps_per_epoch, epochs = 64, 3, 4
+    data = {"method": {"name": "simsiam", "dim": 16, "predictor_hidden_dim": 4},
+            "encoder": {"name": "resnet18", "cifar_stem": True},
+            "data": {"name": "image_folder", "root": str(tmp_path)}, "train": {"batch_size": batch}}
+    experiment = resolve(data, registry).as_dict()
+    context = MethodContext(world_size=1, rank=0, global_batch_size=batch, steps_per_epoch=steps_per_epoch,
+                            epochs=epochs, device=torch.device("cpu"), dataset_size=batch * steps_per_epoch)
+    method = build_method(experiment, registry, context)
+    total = steps_per_epoch * epochs
+    optimization = build_optimization(method, experiment, registry, steps_per_epoch, total)
+    groups = {group["group"]: group for group in optimization.optimizer.param_groups}
+    assert sorted(groups) == ["predictor", "rest"]
+    predictor = {id(p) for p in method.predictor.parameters()}
+    assert {id(p) for p in groups["predictor"]["params"]} == predictor
+    assert {id(p) for p in groups["rest"]["params"]} == \
+        {id(p) for p in method.parameters() if p.requires_grad and id(p) not in predictor}
+    init_lr = 0.05 * batch / 256
+    for k in range(total):
+        assert groups["predictor"]["lr"] == pytest.approx(init_lr)
+        assert groups["rest"]["lr"] == pytest.approx(init_lr * 0.5 * (1 + math.cos(math.pi * k / total)))
+        assert groups["predictor"]["weight_decay"] == groups["rest"]["weight_decay"] == 1e-4
+        optimization.optimizer.step()
+        optimization.scheduler.step()
+    assert groups["rest"]["lr"] == pytest.approx(0.0, abs=1e-12)  # the end of the cosine
+    assert groups["predictor"]["lr"] == pytest.approx(init_lr)
+
+
 def test_simsiam_meets_the_method_and_loss_contracts(registry: Registry) -> None:
     check_plugin(registry, "sslcore_simsiam.plugin", [("method", "simsiam"), ("loss", "negative_cosine")])
 
@@ -158,9 +231,17 @@ def test_the_installed_entry_point_registers_simsiam() -> None:
     method, loss = registry.get("method", "simsiam"), registry.get("loss", "negative_cosine")
     assert method.distribution == loss.distribution == "sslcore-simsiam"
     assert method.factory is SimSiam and loss.factory is NegativeCosineLoss
-    assert method.extra["slots"] == {"encoder": {"name": "resnet50", "zero_init_residual": True},
-                                     "augmentation": {"name": "moco_v2"}, "loss": {"name": "negative_cosine"}}
+    assert method.slots == SLOTS == {"encoder": Slot(Encoder, {"name": "resnet50", "zero_init_residual": True}),
+                                     "augmentation": Slot(Augmentation, {"name": "moco_v2"}),
+                                     "loss": Slot(PairedLoss, {"name": "negative_cosine"})}
+    assert method.recipe == RECIPE
 
 
 def test_cifar10_example_runs_as_written(tmp_path: Path, cifar10_dir: Path) -> None:
-    run_example_briefly(Path(__file__).parents[3] / "examples" / "simsiam_cifar10.yaml", cifar10_dir, tmp_path)
+    run_dir = run_example_briefly(Path(__file__).parents[3] / "examples" / "simsiam_cifar10.yaml", cifar10_dir,
+                                  tmp_path)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [record for record in records if record["subset"] == "train"]
+    # BRIEF_RUN's batch of 32: the predictor at its peak lr 0.5 x 32/256 during the warmup of the rest
+    assert train and train[-1]["lr_predictor"] == pytest.approx(0.5 * 32 / 256)
+    assert train[-1]["lr"] < train[-1]["lr_predictor"]

@@ -24,14 +24,16 @@ tau raised from tau_base to 1 over the K steps of training. Only the encoder f_t
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from sslcore.toolkit.ema import cosine_momentum, momentum_update
+from sslcore.api.hookspecs import Method, PairedLoss, Slots
+from sslcore.api.recipe import Schedule, TrainingStep
+from sslcore.toolkit.ema import momentum_update
 from sslcore.toolkit.heads import MLPHead
 
 if TYPE_CHECKING:
@@ -60,7 +62,7 @@ class BYOLLossConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class BYOLLoss(nn.Module):
+class BYOLLoss(nn.Module, PairedLoss):
     """BYOL's normalised mean squared error in one direction, a paired loss called ``loss(p, z)``:
 
         loss(p, z) = || p / ||p|| - z / ||z|| ||^2 = 2 - 2 cos(p, z),  averaged over the N rows,
@@ -80,65 +82,52 @@ class BYOLLoss(nn.Module):
             return (2 - 2 * (p * z).sum(dim=1)).mean()
 
 
-class BYOL(nn.Module):
+class BYOL(nn.Module, Method):
     """BYOL: online f_theta, g_theta, q_theta and the EMA target f_xi, g_xi; see the module docstring.
 
-    ``forward`` calls the ``loss`` slot as ``loss(p, z')``, once per direction.
+    The projector and the predictor are Linear-BN-ReLU-Linear with no bias in the last Linear, as the
+    official ``utils/networks.py`` (``hk.Linear(..., with_bias=False)``). ``forward`` calls the ``loss``
+    slot as ``loss(p, z')``, once per direction, and leaves the target alone; the EMA runs after each
+    optimizer step (``after_optimizer_step``) with the engine's ``tau`` of that step (``schedules()``), as
+    the official ``byol_experiment.py`` updates the target right after the optimizer's update. The step
+    index comes from the engine, which restores it on resume, so the method keeps no step counter.
     """
 
-    def __init__(self, config: BYOLConfig, *, context: MethodContext, encoder: nn.Module, loss: nn.Module) -> None:
+    def __init__(self, config: BYOLConfig, *, context: MethodContext, slots: Slots) -> None:
         super().__init__()
+        encoder = slots.build("encoder")
         self.backbone = encoder  # f_theta
-        self.projector = MLPHead([encoder.feature_dim, config.projector_hidden_dim, config.dim])  # g_theta
-        self.predictor = MLPHead([config.dim, config.predictor_hidden_dim, config.dim])  # q_theta
+        self.projector = MLPHead([encoder.feature_dim, config.projector_hidden_dim, config.dim],
+                                 output_bias=False)  # g_theta
+        self.predictor = MLPHead([config.dim, config.predictor_hidden_dim, config.dim],
+                                 output_bias=False)  # q_theta
         # f_xi, g_xi start as exact copies of f_theta, g_theta and are only ever changed by the EMA
         self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
-        self.loss = loss
+        self.loss = slots.build("loss")
         self.base_momentum = config.base_momentum
         self.momentum_schedule = config.momentum_schedule
-        self.total_steps = context.total_steps  # K
-        # k, the index of the current optimisation step (training forwards so far): checkpointed
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        # k as a Python int, read from the buffer once after building or loading a state dict, so that the
-        # schedule costs no device synchronisation per step
-        self._k: int | None = None
-        self.register_load_state_dict_post_hook(self._reread_step)
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def schedules(self) -> dict[str, Schedule]:
+        """tau_k: from tau_base at step 0 along the half cosine to 1 at the last step (or constant)."""
+        end = None if self.momentum_schedule == "constant" else 1.0
+        return {"tau": Schedule(start=self.base_momentum, end=end)}
+
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         v1, v2 = views[0], views[1]  # N x 3 x H x W each: two views of the same N images
-        k = self.current_step()
-        if self.training:
-            self.update_target(k)
         p1 = self.predictor(self.projector(self.backbone(v1)))  # p_1: N x D
         p2 = self.predictor(self.projector(self.backbone(v2)))  # p_2: N x D
         with torch.no_grad():  # the stop-gradient: z' are regression targets
             z1_target = self.target_projector(self.target_backbone(v1))  # z'_1: N x D
             z2_target = self.target_projector(self.target_backbone(v2))  # z'_2: N x D
         loss = self.loss(p1, z2_target) + self.loss(p2, z1_target)
-        return {"loss": loss, "tau": torch.tensor(self.momentum(k), dtype=torch.float64)}
+        return {"loss": loss, **self.loss.metrics()}
 
-    def momentum(self, k: int) -> float:
-        """tau_k, the EMA coefficient of the target update that follows optimisation step k."""
-        if self.momentum_schedule == "constant":
-            return self.base_momentum
-        return cosine_momentum(k, self.total_steps, self.base_momentum)
+    def after_optimizer_step(self, step: TrainingStep) -> None:
+        self.update_target(step.values["tau"])
 
     @torch.no_grad()
-    def update_target(self, k: int) -> None:
-        """At the start of training step k: xi <- tau xi + (1 - tau) theta with tau = tau_{k-1}, following the
-        previous optimisation step (none before step 0, where xi = theta); then k advances."""
-        if k > 0:
-            momentum_update([*self.target_backbone.parameters(), *self.target_projector.parameters()],
-                            [*self.backbone.parameters(), *self.projector.parameters()], self.momentum(k - 1))
-        self._k = k + 1
-        self.step.add_(1)
-
-    def current_step(self) -> int:
-        """k, the index of the current optimisation step."""
-        if self._k is None:
-            self._k = int(self.step)
-        return self._k
-
-    def _reread_step(self, module: nn.Module, incompatible_keys: Any) -> None:
-        self._k = None
+    def update_target(self, tau: float) -> None:
+        """xi <- tau xi + (1 - tau) theta, for the target encoder and projector."""
+        momentum_update([*self.target_backbone.parameters(), *self.target_projector.parameters()],
+                        [*self.backbone.parameters(), *self.projector.parameters()], tau)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from sslcore.api.hookspecs import Method, PairedLoss, Slots
 from sslcore.toolkit.heads import MLPHead
 
 if TYPE_CHECKING:
@@ -37,9 +38,10 @@ class SimSiamConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dim: int = Field(2048, ge=1, description="D: dimension of the projections z and predictions p")
-    projector_hidden_dim: int = Field(
-        2048, ge=1, description="width of the projection MLP's two hidden layers (the official code uses the "
-                                "backbone's feature width: 2048 for ResNet-50)")
+    projector_hidden_dim: int | None = Field(
+        None, ge=1, description="width of the projection MLP's two hidden layers; default: the backbone's "
+                                "feature width, as the official code (prev_dim: 2048 for ResNet-50, 512 for "
+                                "ResNet-18)")
     predictor_hidden_dim: int = Field(512, ge=1, description="bottleneck width of the prediction MLP h")
 
 
@@ -49,7 +51,7 @@ class NegativeCosineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class NegativeCosineLoss(nn.Module):
+class NegativeCosineLoss(nn.Module, PairedLoss):
     """SimSiam's D, a paired loss called ``loss(p, z)``: D(p, z) = -cos(p, z), averaged over the N rows.
 
     ``p`` is the prediction of one view, ``z`` the projection of the other. The stop-gradient is the
@@ -65,23 +67,28 @@ class NegativeCosineLoss(nn.Module):
             return -F.cosine_similarity(p.float(), z.float(), dim=1).mean()
 
 
-class SimSiam(nn.Module):
+class SimSiam(nn.Module, Method):
     """SimSiam: f = projector(backbone), the predictor h; see the module docstring for the symbols.
 
-    ``forward`` calls the ``loss`` slot as ``loss(p, stopgrad(z))``, once per direction.
+    ``forward`` calls the ``loss`` slot as ``loss(p, stopgrad(z))``, once per direction. The predictor is
+    the parameter group ``predictor``, which the recipe keeps at a fixed lr (the official ``--fix-pred-lr``).
     """
 
-    def __init__(self, config: SimSiamConfig, *, context: MethodContext, encoder: nn.Module,
-                 loss: nn.Module) -> None:
+    def __init__(self, config: SimSiamConfig, *, context: MethodContext, slots: Slots) -> None:
         super().__init__()
+        encoder = slots.build("encoder")
         self.backbone = encoder
+        hidden = config.projector_hidden_dim or encoder.feature_dim
         # no bias before a BatchNorm (it would cancel it); the last BN has no affine parameters
-        self.projector = MLPHead([encoder.feature_dim, config.projector_hidden_dim, config.projector_hidden_dim,
-                                  config.dim], hidden_bias=False, output_bias=False, output_norm="bn_noaffine")
+        self.projector = MLPHead([encoder.feature_dim, hidden, hidden, config.dim], hidden_bias=False,
+                                 output_bias=False, output_norm="bn_noaffine")
         self.predictor = MLPHead([config.dim, config.predictor_hidden_dim, config.dim], hidden_bias=False)  # h
-        self.loss = loss
+        self.loss = slots.build("loss")
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"predictor": list(self.predictor.parameters())}
+
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x1, x2 = views[0], views[1]  # N x 3 x H x W each: two views of the same N images
         z1 = self.projector(self.backbone(x1))  # z_1: N x D
         z2 = self.projector(self.backbone(x2))  # z_2: N x D
@@ -89,4 +96,4 @@ class SimSiam(nn.Module):
         loss = self.loss(p1, z2.detach()) / 2 + self.loss(p2, z1.detach()) / 2
         with torch.no_grad():
             z_std = F.normalize(z1.float(), dim=1).std(dim=0).mean()
-        return {"loss": loss, "z_std": z_std}
+        return {"loss": loss, "z_std": z_std, **self.loss.metrics()}
