@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
-from sslcore.toolkit.ema import cosine_momentum, momentum_update
+from sslcore.toolkit.ema import momentum_update
 from sslcore.toolkit.heads import MLPHead
 
 
@@ -42,12 +40,3 @@ def test_momentum_update_follows_the_formula() -> None:
     for t, e in zip(target, expected):
         torch.testing.assert_close(t, e)
     assert all(torch.equal(o, b) for o, b in zip(online, before))
-
-
-def test_cosine_momentum_rises_from_base_to_one() -> None:
-    base, total = 0.996, 1000
-    assert cosine_momentum(0, total, base) == pytest.approx(base)
-    assert cosine_momentum(total // 2, total, base) == pytest.approx(1 - (1 - base) / 2)
-    assert cosine_momentum(total, total, base) == pytest.approx(1.0)
-    k = 123
-    assert cosine_momentum(k, total, base) == pytest.approx(1 - (1 - base) * (math.cos(math.pi * k / total) + 1) / 2)

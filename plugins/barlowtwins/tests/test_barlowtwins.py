@@ -1,5 +1,6 @@
 """Barlow Twins: the loss against its formula written out here, the heads of the official code, the method's two
-views and metrics, two real gloo workers against one process on the global batch, the plugin contract, and the
+views and metrics, two real gloo workers against one process on the global batch, the plugin contract, the
+official recipe that ``method: barlowtwins`` resolves to and its learning rates through the engine, and the
 CIFAR-10 example through the CLI."""
 
 from __future__ import annotations
@@ -13,19 +14,23 @@ from sslcore_barlowtwins import BarlowTwins, BarlowTwinsConfig, BarlowTwinsLoss,
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from sslcore.api.hookspecs import Augmentation, Encoder, PairedLoss
+from sslcore.config import load_experiment, resolve
+from sslcore.engine.build import build_method, build_optimization, parameter_groups
 from sslcore.engine.context import MethodContext
 from sslcore.registry import Registry
-from sslcore.testing import check_plugin, run_distributed, run_example_briefly, tiny_encoder
+from sslcore.testing import built_slots, check_plugin, run_distributed, run_example_briefly, tiny_encoder
 
 GLOBAL_BATCH = 16
+EXAMPLE = Path(__file__).parents[3] / "examples" / "barlowtwins_cifar10.yaml"
 
 
 def build_barlowtwins(**method) -> BarlowTwins:
     config = BarlowTwinsConfig(**{"projector_hidden_dim": 16, "dim": 12, **method})
     context = MethodContext(world_size=1, rank=0, global_batch_size=GLOBAL_BATCH, steps_per_epoch=1, epochs=1,
-                            device=torch.device("cpu"))
-    return BarlowTwins(config, context=context, encoder=tiny_encoder(),
-                       loss=BarlowTwinsLoss(BarlowTwinsLossConfig()))
+                            device=torch.device("cpu"), dataset_size=GLOBAL_BATCH)
+    return BarlowTwins(config, context=context,
+                       slots=built_slots(encoder=tiny_encoder(), loss=BarlowTwinsLoss(BarlowTwinsLossConfig())))
 
 
 def standardized_columns(z: list[list[float]]) -> list[list[float]]:
@@ -66,8 +71,11 @@ def test_loss_matches_the_formula_also_under_bf16_autocast() -> None:
     loss_fn = BarlowTwinsLoss(BarlowTwinsLossConfig())
     assert loss_fn(z_a, z_b).item() == pytest.approx(formula_loss(z_a, z_b), rel=1e-5)
     invariance, redundancy_reduction = formula_terms(z_a, z_b)
-    assert loss_fn.last_terms["invariance"].item() == pytest.approx(invariance, rel=1e-5)
-    assert loss_fn.last_terms["redundancy_reduction"].item() == pytest.approx(redundancy_reduction, rel=1e-5)
+    terms = loss_fn.metrics()
+    assert set(terms) == {"invariance", "redundancy_reduction"}
+    assert terms["invariance"].item() == pytest.approx(invariance, rel=1e-5)
+    assert terms["redundancy_reduction"].item() == pytest.approx(redundancy_reduction, rel=1e-5)
+    assert not any(t.requires_grad for t in terms.values())
     weighted = BarlowTwinsLoss(BarlowTwinsLossConfig(lambd=0.5, scale=0.1))
     assert weighted(z_a, z_b).item() == pytest.approx(formula_loss(z_a, z_b, lambd=0.5, scale=0.1), rel=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -153,13 +161,122 @@ def test_the_installed_entry_point_registers_barlowtwins() -> None:
     method, loss = registry.get("method", "barlowtwins"), registry.get("loss", "barlow_twins")
     assert method.distribution == loss.distribution == "sslcore-barlowtwins"
     assert method.factory is BarlowTwins and loss.factory is BarlowTwinsLoss
-    assert method.extra["slots"] == {"encoder": {"name": "resnet50", "zero_init_residual": True},
-                                     "augmentation": {"name": "byol"},
-                                     "loss": {"name": "barlow_twins", "lambd": 0.0051}}
+    assert {slot: (s.needs, dict(s.default)) for slot, s in method.slots.items()} == {
+        "encoder": (Encoder, {"name": "resnet50", "zero_init_residual": True}),
+        "augmentation": (Augmentation, {"name": "byol"}),
+        "loss": (PairedLoss, {"name": "barlow_twins", "lambd": 0.0051})}
+    assert loss.meets(PairedLoss)
+
+
+# -- the recipe -------------------------------------------------------------------------------------------
+
+# facebookresearch/barlowtwins main.py @ a655214c76c97d0150277b85d16e69328ea52fd9 (the same at HEAD 8e8d284):
+# --epochs 1000, --batch-size 2048, --learning-rate-weights 0.2, --learning-rate-biases 0.0048,
+# --weight-decay 1e-6, --lambd 0.0051, --projector 8192-8192-8192; LARS(momentum=0.9, eta=0.001,
+# weight_decay_filter=True, lars_adaptation_filter=True) with the filters on p.ndim == 1
+OFFICIAL_EPOCHS, OFFICIAL_BATCH = 1000, 2048
+LR_WEIGHTS, LR_BIASES, WEIGHT_DECAY = 0.2, 0.0048, 1e-6
+WARMUP_EPOCHS = 10
+
+
+def official_factor(step: int, steps_per_epoch: int, epochs: int) -> float:
+    """The official adjust_learning_rate without base_lr (batch_size / 256) and the per-group lr: a linear
+    warmup over 10 epochs, then q = 0.5 (1 + cos(pi t / T)) and q + 0.001 (1 - q). The warmup is sslcore's
+    Schedule's, (step + 1) / warmup_steps (the official code has step / warmup_steps: one step earlier, so it
+    starts at 0 where sslcore reaches the peak at the last warmup step)."""
+    max_steps, warmup_steps = epochs * steps_per_epoch, WARMUP_EPOCHS * steps_per_epoch
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    step, max_steps = step - warmup_steps, max_steps - warmup_steps
+    q = 0.5 * (1 + math.cos(math.pi * step / max_steps))
+    return q + 0.001 * (1 - q)
+
+
+@pytest.fixture
+def plugin_registry(registry: Registry) -> Registry:
+    registry.add_module("sslcore_barlowtwins.plugin")
+    return registry
+
+
+def test_method_alone_resolves_to_the_official_recipe(plugin_registry: Registry, tmp_path: Path) -> None:
+    experiment = resolve({"method": "barlowtwins", "data": {"name": "image_folder", "root": str(tmp_path)}},
+                         plugin_registry).as_dict()
+    train = experiment["train"]
+    assert train["optimizer"] == {"name": "lars", "lr": LR_WEIGHTS, "momentum": 0.9, "weight_decay": WEIGHT_DECAY,
+                                  "trust_coefficient": 0.001, "clip_lr": False}
+    assert train["lr_scaling"] == "linear"  # base_lr = batch_size / 256, times each group's lr
+    assert (train["warmup_epochs"], train["schedule"], train["final_lr"]) == (WARMUP_EPOCHS, "cosine", 0.001)
+    assert (train["epochs"], train["batch_size"]) == (OFFICIAL_EPOCHS, OFFICIAL_BATCH)
+    assert train["param_groups"] == {"bias_and_norm": {"lr": LR_BIASES, "weight_decay": 0.0, "lars_exclude": True,
+                                                       "fixed_lr": False}}
+    assert (train["weight_decay_end"], train["grad_clip"]) == (None, None)
+    assert experiment["method"] == {"name": "barlowtwins", "projector_hidden_dim": 8192, "dim": 8192}
+    assert experiment["encoder"]["name"] == "resnet50" and experiment["encoder"]["zero_init_residual"] is True
+    assert experiment["loss"] == {"name": "barlow_twins", "lambd": 0.0051, "scale": 1.0}
+    augmentation = experiment["augmentation"]  # the official Transform: blur 1.0 / 0.1, solarization 0.0 / 0.2
+    assert augmentation["name"] == "byol" and augmentation["size"] == 224
+    assert (augmentation["blur_prob"], augmentation["solarize_prob"]) == ([1.0, 0.1], [0.0, 0.2])
+
+
+def test_every_parameter_follows_the_official_learning_rates_over_the_whole_schedule(
+        plugin_registry: Registry, tmp_path: Path) -> None:
+    batch, steps_per_epoch = 32, 2
+    experiment = resolve({"method": {"name": "barlowtwins", "projector_hidden_dim": 16, "dim": 12},
+                          "encoder": {"name": "resnet18", "cifar_stem": True}, "augmentation": {"size": 32},
+                          "data": {"name": "image_folder", "root": str(tmp_path)}, "train": {"batch_size": batch}},
+                         plugin_registry).as_dict()
+    epochs = experiment["train"]["epochs"]
+    assert epochs == OFFICIAL_EPOCHS
+    total_steps = epochs * steps_per_epoch
+    context = MethodContext(world_size=1, rank=0, global_batch_size=batch, steps_per_epoch=steps_per_epoch,
+                            epochs=epochs, device=torch.device("cpu"), dataset_size=batch * steps_per_epoch,
+                            registry=plugin_registry)
+    method = build_method(experiment, plugin_registry, context)
+    optimization = build_optimization(method, experiment, plugin_registry, steps_per_epoch, total_steps)
+    optimizer = optimization.optimizer
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    parameters = [p for p in method.parameters() if p.requires_grad]
+    assert len(group_of) == len(parameters) == sum(len(g["params"]) for g in optimizer.param_groups)
+    assert any(p.ndim == 1 for p in parameters) and any(p.ndim > 1 for p in parameters)
+    for p in parameters:
+        group = group_of[id(p)]
+        one_dim = p.ndim == 1  # the official param_biases
+        assert group["weight_decay"] == (0.0 if one_dim else WEIGHT_DECAY)
+        assert group["lars_exclude"] is one_dim
+    for step in range(total_steps):
+        factor = official_factor(step, steps_per_epoch, epochs)
+        for p in parameters:
+            base = LR_BIASES if p.ndim == 1 else LR_WEIGHTS
+            assert group_of[id(p)]["lr"] == pytest.approx(base * batch / 256 * factor, rel=1e-9, abs=1e-15), step
+        optimizer.step()  # no gradients: moves nothing
+        optimization.scheduler.step()
+    assert official_factor(total_steps - 1, steps_per_epoch, epochs) == pytest.approx(0.001, abs=1e-6)
+
+
+def test_the_cifar10_example_gives_biases_and_norms_the_weights_lr(plugin_registry: Registry,
+                                                                  tmp_path: Path) -> None:
+    registry = plugin_registry
+    config = tmp_path / EXAMPLE.name
+    config.write_text(EXAMPLE.read_text().replace("~/.cache/sslcore/cifar10", str(tmp_path)))
+    experiment = load_experiment(config, registry).as_dict()
+    train = experiment["train"]
+    context = MethodContext(world_size=1, rank=0, global_batch_size=256, steps_per_epoch=1, epochs=1,
+                            device=torch.device("cpu"), dataset_size=256, registry=registry)
+    method = build_method(experiment, registry, context)
+    groups = {g["group"]: g for g in parameter_groups(method, "barlowtwins", train, train["optimizer"], 256)}
+    assert set(groups) == {"rest", "bias_and_norm"}
+    assert groups["rest"]["lr"] == groups["bias_and_norm"]["lr"] == pytest.approx(0.3)  # solo-learn: 0.3 x 256/256
+    assert (groups["rest"]["weight_decay"], groups["bias_and_norm"]["weight_decay"]) == (1e-4, 0.0)
+    assert (groups["rest"]["lars_exclude"], groups["bias_and_norm"]["lars_exclude"]) == (False, True)
+    assert train["optimizer"]["trust_coefficient"] == 0.02 and train["optimizer"]["clip_lr"] is True
+    assert (train["warmup_epochs"], train["final_lr"], train["epochs"]) == (10, 0.0, 1000)
+    assert experiment["loss"] == {"name": "barlow_twins", "lambd": 0.0051, "scale": 0.1}
+    augmentation = experiment["augmentation"]  # solo-learn's asymmetric.yaml: no blur, solarization 0.0 / 0.2
+    assert augmentation["scale"] == [0.08, 1.0]
+    assert (augmentation["blur_prob"], augmentation["solarize_prob"]) == ([0.0, 0.0], [0.0, 0.2])
 
 
 def test_cifar10_example_runs_as_written(tmp_path: Path, cifar10_dir: Path) -> None:
-    run_dir = run_example_briefly(Path(__file__).parents[3] / "examples" / "barlowtwins_cifar10.yaml", cifar10_dir,
-                                  tmp_path)
+    run_dir = run_example_briefly(EXAMPLE, cifar10_dir, tmp_path)
     state = torch.load(run_dir / "checkpoint_000000" / "state.pt", weights_only=True)["model"]
     assert state["projector.6.weight"].shape == (2048, 2048)

@@ -1,6 +1,6 @@
 """VICReg: the loss and its three terms against their formulas written out here, the expander of the official
 code, the method's two views and metrics, two real gloo workers against one process on the global batch, the
-plugin contract, and the CIFAR-10 example through the CLI."""
+plugin contract, the official recipe that ``method: vicreg`` resolves to, and the CIFAR-10 example."""
 
 from __future__ import annotations
 
@@ -13,18 +13,23 @@ from sslcore_vicreg import VICReg, VICRegConfig, VICRegLoss, VICRegLossConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from sslcore.api.hookspecs import Augmentation, Encoder, PairedLoss
+from sslcore.config import load_experiment, resolve
+from sslcore.engine.build import build_method, parameter_groups
 from sslcore.engine.context import MethodContext
 from sslcore.registry import Registry
-from sslcore.testing import check_plugin, run_distributed, run_example_briefly, tiny_encoder
+from sslcore.testing import built_slots, check_plugin, run_distributed, run_example_briefly, tiny_encoder
 
 GLOBAL_BATCH = 16
+EXAMPLE = Path(__file__).parents[3] / "examples" / "vicreg_cifar10.yaml"
 
 
 def build_vicreg(**method) -> VICReg:
     config = VICRegConfig(**{"projector_hidden_dim": 16, "dim": 12, **method})
     context = MethodContext(world_size=1, rank=0, global_batch_size=GLOBAL_BATCH, steps_per_epoch=1, epochs=1,
-                            device=torch.device("cpu"))
-    return VICReg(config, context=context, encoder=tiny_encoder(), loss=VICRegLoss(VICRegLossConfig()))
+                            device=torch.device("cpu"), dataset_size=GLOBAL_BATCH)
+    return VICReg(config, context=context,
+                  slots=built_slots(encoder=tiny_encoder(), loss=VICRegLoss(VICRegLossConfig())))
 
 
 def formula_invariance(z: list[list[float]], z_prime: list[list[float]]) -> float:
@@ -77,8 +82,11 @@ def test_loss_matches_the_formula_also_under_bf16_autocast() -> None:
     z_prime = z + 0.3 * torch.randn(7, 5, generator=generator)
     loss_fn = VICRegLoss(VICRegLossConfig())
     assert loss_fn(z, z_prime).item() == pytest.approx(formula_loss(z, z_prime), rel=1e-5)
+    terms = loss_fn.metrics()
+    assert set(terms) == {"invariance", "variance", "covariance"}
+    assert not any(t.requires_grad for t in terms.values())
     for name, value in formula_terms(z, z_prime).items():
-        assert loss_fn.last_terms[name].item() == pytest.approx(value, rel=1e-5), name
+        assert terms[name].item() == pytest.approx(value, rel=1e-5), name
     weighted = VICRegLoss(VICRegLossConfig(sim_coeff=2.0, std_coeff=3.0, cov_coeff=0.5))
     assert weighted(z, z_prime).item() == pytest.approx(formula_loss(z, z_prime, 2.0, 3.0, 0.5), rel=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -95,8 +103,8 @@ def test_each_term_vanishes_where_the_paper_says() -> None:
     # a collapsed batch: every row the same, std sqrt(1e-4) = 0.01 in each dimension
     collapsed = torch.ones(4, 3)
     loss_fn(collapsed, collapsed)
-    assert loss_fn.last_terms["variance"].item() == pytest.approx(0.99)
-    assert loss_fn.last_terms["covariance"].item() == 0.0
+    assert loss_fn.metrics()["variance"].item() == pytest.approx(0.99)
+    assert loss_fn.metrics()["covariance"].item() == 0.0
 
 
 def test_expander_is_that_of_the_official_code() -> None:
@@ -140,7 +148,7 @@ def _worker(rank: int, world_size: int) -> dict:
     loss_fn = VICRegLoss(VICRegLossConfig())
     loss = loss_fn(z, z_prime)
     loss.backward()
-    return {"loss": loss.detach(), "terms": loss_fn.last_terms, "grads": [p.grad.clone() for p in model.parameters()]}
+    return {"loss": loss.detach(), "terms": loss_fn.metrics(), "grads": [p.grad.clone() for p in model.parameters()]}
 
 
 def test_two_workers_compute_the_loss_and_gradients_of_one_process_on_the_global_batch() -> None:
@@ -156,7 +164,7 @@ def test_two_workers_compute_the_loss_and_gradients_of_one_process_on_the_global
 
     for result in results:  # each worker's loss and terms are those of the global batch, not of its half
         torch.testing.assert_close(result["loss"], loss.detach())
-        for name, value in loss_fn.last_terms.items():
+        for name, value in loss_fn.metrics().items():
             torch.testing.assert_close(result["terms"][name], value)
         for got, expected in zip(result["grads"], [p.grad for p in model.parameters()], strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
@@ -171,14 +179,60 @@ def test_the_installed_entry_point_registers_vicreg() -> None:
     method, loss = registry.get("method", "vicreg"), registry.get("loss", "vicreg")
     assert method.distribution == loss.distribution == "sslcore-vicreg"
     assert method.factory is VICReg and loss.factory is VICRegLoss
-    assert method.extra["slots"] == {"encoder": {"name": "resnet50", "zero_init_residual": True},
-                                     "augmentation": {"name": "byol"},
-                                     "loss": {"name": "vicreg", "sim_coeff": 25.0, "std_coeff": 25.0,
-                                              "cov_coeff": 1.0}}
+    assert {slot: (s.needs, dict(s.default)) for slot, s in method.slots.items()} == {
+        "encoder": (Encoder, {"name": "resnet50", "zero_init_residual": True}),
+        "augmentation": (Augmentation, {"name": "byol"}),
+        "loss": (PairedLoss, {"name": "vicreg", "sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0})}
+    assert loss.meets(PairedLoss)
+
+
+def test_method_alone_resolves_to_the_official_recipe(registry: Registry, tmp_path: Path) -> None:
+    # facebookresearch/vicreg main_vicreg.py @ cc1ef4f1584a26770308a9b8f1538e490a6d4b43 (the same at HEAD
+    # 4e12602) with the README's 1000-epoch command (--epochs 1000 --batch-size 2048 --base-lr 0.2; the
+    # argparse default of --epochs is 100): --wd 1e-6, LARS(momentum 0.9, eta 0.001) whose weight_decay_filter
+    # and lars_adaptation_filter are exclude_bias_and_norm (p.ndim == 1), adjust_learning_rate: base_lr x
+    # batch_size / 256, 10 warmup epochs, cosine to end_lr = base_lr x 0.001, the same lr for every parameter
+    registry.add_module("sslcore_vicreg.plugin")
+    experiment = resolve({"method": "vicreg", "data": {"name": "image_folder", "root": str(tmp_path)}},
+                         registry).as_dict()
+    train = experiment["train"]
+    assert train["optimizer"] == {"name": "lars", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-6,
+                                  "trust_coefficient": 0.001, "clip_lr": False}
+    assert train["lr_scaling"] == "linear"
+    assert (train["warmup_epochs"], train["schedule"], train["final_lr"]) == (10, "cosine", 0.001)
+    assert (train["epochs"], train["batch_size"]) == (1000, 2048)
+    assert train["param_groups"] == {"bias_and_norm": {"lr": None, "weight_decay": 0.0, "lars_exclude": True,
+                                                       "fixed_lr": False}}
+    assert (train["weight_decay_end"], train["grad_clip"]) == (None, None)
+    assert experiment["method"] == {"name": "vicreg", "projector_hidden_dim": 8192, "dim": 8192}  # --mlp
+    assert experiment["encoder"]["name"] == "resnet50" and experiment["encoder"]["zero_init_residual"] is True
+    assert experiment["loss"] == {"name": "vicreg", "sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0}
+    augmentation = experiment["augmentation"]  # augmentations.py: blur 1.0 / 0.1, solarization 0.0 / 0.2
+    assert augmentation["name"] == "byol" and augmentation["scale"] == [0.08, 1.0]
+    assert (augmentation["blur_prob"], augmentation["solarize_prob"]) == ([1.0, 0.1], [0.0, 0.2])
+
+
+def test_the_cifar10_example_is_solo_learns_recipe(registry: Registry, tmp_path: Path) -> None:
+    registry.add_module("sslcore_vicreg.plugin")
+    config = tmp_path / EXAMPLE.name
+    config.write_text(EXAMPLE.read_text().replace("~/.cache/sslcore/cifar10", str(tmp_path)))
+    experiment = load_experiment(config, registry).as_dict()
+    train = experiment["train"]
+    context = MethodContext(world_size=1, rank=0, global_batch_size=256, steps_per_epoch=1, epochs=1,
+                            device=torch.device("cpu"), dataset_size=256, registry=registry)
+    method = build_method(experiment, registry, context)
+    groups = {g["group"]: g for g in parameter_groups(method, "vicreg", train, train["optimizer"], 256)}
+    assert groups["rest"]["lr"] == groups["bias_and_norm"]["lr"] == pytest.approx(0.3)  # 0.3 x 256/256
+    assert (groups["rest"]["weight_decay"], groups["bias_and_norm"]["weight_decay"]) == (1e-4, 0.0)
+    assert (groups["rest"]["lars_exclude"], groups["bias_and_norm"]["lars_exclude"]) == (False, True)
+    assert train["optimizer"]["trust_coefficient"] == 0.02 and train["optimizer"]["clip_lr"] is True
+    assert (train["warmup_epochs"], train["final_lr"], train["epochs"]) == (10, 0.0, 1000)
+    augmentation = experiment["augmentation"]
+    assert augmentation["scale"] == [0.2, 1.0]
+    assert (augmentation["blur_prob"], augmentation["solarize_prob"]) == ([0.0, 0.0], [0.1, 0.1])
 
 
 def test_cifar10_example_runs_as_written(tmp_path: Path, cifar10_dir: Path) -> None:
-    run_dir = run_example_briefly(Path(__file__).parents[3] / "examples" / "vicreg_cifar10.yaml", cifar10_dir,
-                                  tmp_path)
+    run_dir = run_example_briefly(EXAMPLE, cifar10_dir, tmp_path)
     state = torch.load(run_dir / "checkpoint_000000" / "state.pt", weights_only=True)["model"]
     assert state["projector.6.weight"].shape == (2048, 2048)

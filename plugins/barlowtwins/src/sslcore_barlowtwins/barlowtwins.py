@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from sslcore.api.hookspecs import Method, PairedLoss, Slots
 from sslcore.toolkit.distributed import gather_with_grad
 from sslcore.toolkit.heads import MLPHead
 
@@ -56,22 +57,26 @@ class BarlowTwinsLossConfig(BaseModel):
                                                 "scale_loss, 0.1 in its CIFAR-10 recipe")
 
 
-class BarlowTwinsLoss(nn.Module):
+class BarlowTwinsLoss(nn.Module, PairedLoss):
     """Barlow Twins' loss, a paired loss called ``loss(z_a, z_b)`` on this worker's N x D embeddings of the two
     views; see the module docstring.
 
     It gathers both views from every worker (``gather_with_grad``) and computes the batch statistics, C and L
     on the global batch, so every worker returns the same L; with DDP averaging the gradients, W workers
     compute the gradients of one worker on the whole batch. Computed in float32 even under autocast.
-    ``last_terms`` holds the invariance and redundancy reduction terms of the last call (unweighted, detached),
-    which the method logs.
+    ``metrics()`` gives the invariance and redundancy reduction terms of the last call (unweighted, detached),
+    which the method returns with the loss.
     """
 
     def __init__(self, config: BarlowTwinsLossConfig) -> None:
         super().__init__()
         self.lambd = config.lambd
         self.scale = config.scale
-        self.last_terms: dict[str, torch.Tensor] = {}
+        self._terms: dict[str, torch.Tensor] = {}
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """``invariance`` sum_i (1 - C_ii)^2 and ``redundancy_reduction`` sum_{i != j} C_ij^2 of the last call."""
+        return dict(self._terms)
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
         """``z_a``, ``z_b``: N x D, this worker's rows of the global batch."""
@@ -81,7 +86,7 @@ class BarlowTwinsLoss(nn.Module):
             on_diagonal = c.diagonal()  # C_ii: D
             invariance = (1 - on_diagonal).pow(2).sum()
             redundancy_reduction = c.pow(2).sum() - on_diagonal.pow(2).sum()  # sum over i != j of C_ij^2
-        self.last_terms = {"invariance": invariance.detach(), "redundancy_reduction": redundancy_reduction.detach()}
+        self._terms = {"invariance": invariance.detach(), "redundancy_reduction": redundancy_reduction.detach()}
         return self.scale * (invariance + self.lambd * redundancy_reduction)
 
 
@@ -91,27 +96,28 @@ def batch_standardize(z: torch.Tensor) -> torch.Tensor:
     return F.batch_norm(z, running_mean=None, running_var=None, training=True)
 
 
-class BarlowTwins(nn.Module):
+class BarlowTwins(nn.Module, Method):
     """Barlow Twins: f = projector(backbone); see the module docstring.
 
     ``forward`` runs the two views through f as two separate batches (as the official code does, so each has
     its own BatchNorm statistics) and calls the ``loss`` slot as ``loss(z_a, z_b)``. Metrics: the loss's
-    ``last_terms`` when it has them.
+    ``metrics()``. Biases and BatchNorm parameters get their own learning rate through the recipe's
+    ``bias_and_norm`` group (every 1-D parameter, as the official code's ``param_biases``), not a method group.
     """
 
-    def __init__(self, config: BarlowTwinsConfig, *, context: MethodContext, encoder: nn.Module,
-                 loss: nn.Module) -> None:
+    def __init__(self, config: BarlowTwinsConfig, *, context: MethodContext, slots: Slots) -> None:
         super().__init__()
+        encoder = slots.build("encoder")
         self.backbone = encoder
         # (Linear-BN-ReLU) x 2 - Linear, no biases (each hidden one would be cancelled by its BN); the
         # last batch norm, without affine parameters, is the loss's standardisation over the global batch
         self.projector = MLPHead([encoder.feature_dim, config.projector_hidden_dim, config.projector_hidden_dim,
                                   config.dim], hidden_bias=False, output_bias=False)
-        self.loss = loss
+        self.loss = slots.build("loss")
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         y_a, y_b = views[0], views[1]  # N x 3 x H x W each: two views of the same N images
         z_a = self.projector(self.backbone(y_a))  # z^A: N x D
         z_b = self.projector(self.backbone(y_b))  # z^B: N x D
         loss = self.loss(z_a, z_b)
-        return {"loss": loss, **getattr(self.loss, "last_terms", {})}
+        return {"loss": loss, **self.loss.metrics()}

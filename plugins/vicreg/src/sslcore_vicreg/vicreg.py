@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from sslcore.api.hookspecs import Method, PairedLoss, Slots
 from sslcore.toolkit.distributed import gather_with_grad
 from sslcore.toolkit.heads import MLPHead
 
@@ -59,7 +60,7 @@ class VICRegLossConfig(BaseModel):
     cov_coeff: float = Field(1.0, ge=0, description="nu, the weight of the covariance term c (1 in the paper)")
 
 
-class VICRegLoss(nn.Module):
+class VICRegLoss(nn.Module, PairedLoss):
     """VICReg's loss, a paired loss called ``loss(z, z_prime)`` on this worker's n x d embeddings of the two
     views; see the module docstring.
 
@@ -67,8 +68,8 @@ class VICRegLoss(nn.Module):
     computes all three terms on the global batch, so every worker returns the same L; with DDP averaging the
     gradients, W workers compute the gradients of one worker on the whole batch. (The official code takes the
     invariance term on each worker's own rows; averaged over workers by DDP, that gradient is the same.)
-    Computed in float32 even under autocast. ``last_terms`` holds s, (v(Z) + v(Z')) / 2 and c(Z) + c(Z') of
-    the last call (unweighted, detached), which the method logs.
+    Computed in float32 even under autocast. ``metrics()`` gives s, (v(Z) + v(Z')) / 2 and c(Z) + c(Z') of
+    the last call (unweighted, detached), which the method returns with the loss.
     """
 
     def __init__(self, config: VICRegLossConfig) -> None:
@@ -76,7 +77,11 @@ class VICRegLoss(nn.Module):
         self.sim_coeff = config.sim_coeff
         self.std_coeff = config.std_coeff
         self.cov_coeff = config.cov_coeff
-        self.last_terms: dict[str, torch.Tensor] = {}
+        self._terms: dict[str, torch.Tensor] = {}
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """``invariance`` s, ``variance`` (v(Z) + v(Z')) / 2 and ``covariance`` c(Z) + c(Z') of the last call."""
+        return dict(self._terms)
 
     def forward(self, z: torch.Tensor, z_prime: torch.Tensor) -> torch.Tensor:
         """``z``, ``z_prime``: n x d, this worker's rows of the global batch."""
@@ -85,7 +90,7 @@ class VICRegLoss(nn.Module):
             invariance = F.mse_loss(z, z_prime)
             variance = (variance_term(z) + variance_term(z_prime)) / 2
             covariance = covariance_term(z) + covariance_term(z_prime)
-        self.last_terms = {"invariance": invariance.detach(), "variance": variance.detach(),
+        self._terms = {"invariance": invariance.detach(), "variance": variance.detach(),
                            "covariance": covariance.detach()}
         return self.sim_coeff * invariance + self.std_coeff * variance + self.cov_coeff * covariance
 
@@ -104,24 +109,25 @@ def covariance_term(z: torch.Tensor) -> torch.Tensor:
     return (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / d
 
 
-class VICReg(nn.Module):
+class VICReg(nn.Module, Method):
     """VICReg: the encoder (backbone) and the expander (projector); see the module docstring.
 
     ``forward`` runs the two views through them as two separate batches (as the official code does) and calls
-    the ``loss`` slot as ``loss(z, z_prime)``. Metrics: the loss's ``last_terms`` when it has them.
+    the ``loss`` slot as ``loss(z, z_prime)``. Metrics: the loss's ``metrics()``.
     """
 
-    def __init__(self, config: VICRegConfig, *, context: MethodContext, encoder: nn.Module, loss: nn.Module) -> None:
+    def __init__(self, config: VICRegConfig, *, context: MethodContext, slots: Slots) -> None:
         super().__init__()
+        encoder = slots.build("encoder")
         self.backbone = encoder
         # (Linear-BN-ReLU) x 2 - Linear without bias, as the official Projector
         self.projector = MLPHead([encoder.feature_dim, config.projector_hidden_dim, config.projector_hidden_dim,
                                   config.dim], output_bias=False)
-        self.loss = loss
+        self.loss = slots.build("loss")
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x, x_prime = views[0], views[1]  # N x 3 x H x W each: two views of the same N images
         z = self.projector(self.backbone(x))  # Z: n x d
         z_prime = self.projector(self.backbone(x_prime))  # Z': n x d
         loss = self.loss(z, z_prime)
-        return {"loss": loss, **getattr(self.loss, "last_terms", {})}
+        return {"loss": loss, **self.loss.metrics()}
