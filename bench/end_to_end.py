@@ -18,7 +18,7 @@ import sys
 import time
 
 import torch
-from harness import CIFAR, HERE, experiment, make_trainer, median, save, time_steps
+from harness import CIFAR, HERE, experiment, make_trainer, median, save, time_steps, train_step
 
 LIGHTLY_PYTHON = HERE / ".venv-lightly" / "bin" / "python"
 
@@ -59,7 +59,7 @@ def main() -> None:
         trainer.train_epoch(2 * rep)
         trainer.steps_per_epoch = args.steps
         sslcore_e2e.append(trainer.train_epoch(2 * rep + 1)["img_per_s"])
-        sslcore_model.append(args.batch / time_steps(lambda: trainer.train_step(trainer._images(x)), 1, args.steps))
+        sslcore_model.append(args.batch / time_steps(lambda: train_step(trainer, x), 1, args.steps))
         out = subprocess.run(lightly_cmd, capture_output=True, text=True, check=True).stdout
         lightly.append(json.loads(out.strip().splitlines()[-1])["lightly_img_s"][0])
         print(f"rep {rep + 1}: sslcore end to end {sslcore_e2e[-1]:.1f} img/s, model only {sslcore_model[-1]:.1f}; "

@@ -49,7 +49,8 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 def make_trainer(data: dict[str, Any]):
     """sslcore's own Trainer for ``data`` (an experiment dict), set up in this process (local backend)."""
     from sslcore.config import resolve
-    from sslcore.engine.loop import Trainer, make_spec
+    from sslcore.engine.loop import Trainer, WorkerSpec
+    from sslcore.engine.rundir import RunDir
     from sslcore.engine.session import LocalSession
     from sslcore.registry import Registry
 
@@ -57,11 +58,19 @@ def make_trainer(data: dict[str, Any]):
     run_dir = Path(tempfile.mkdtemp(prefix="sslcore-bench-"))
     data = merge(data, {"output_dir": str(run_dir)})
     resolved = resolve(data, registry, source="bench")
-    spec = make_spec(resolved.as_dict(), run_dir / data["name"], [], autoload=True)
-    Path(spec["run_dir"]).mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(spec, LocalSession(Path(spec["run_dir"]), keep=1, use_gpu=False))
+    run = RunDir(run_dir / data["name"])
+    run.path.mkdir(parents=True, exist_ok=True)
+    spec = WorkerSpec(experiment=resolved.as_dict(), run_dir=str(run.path), source="bench")
+    trainer = Trainer(spec, LocalSession(run, keep=1, use_gpu=False))
     trainer.setup()
     return trainer
+
+
+def train_step(trainer: Any, views: list[Any]) -> Any:
+    """One of the Trainer's optimisation steps on pre-made views (image indices 0..N-1)."""
+    import torch
+
+    return trainer.train_step(trainer._images(views), torch.arange(views[0].shape[0]), epoch=0)
 
 
 def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> float:

@@ -28,10 +28,8 @@ EPOCH_LINE = re.compile(r"sslcore: epoch (\d+)/\d+ .*?loss=([\d.e+-]+) .*?img_pe
 def config(method: str, args: argparse.Namespace) -> Path:
     experiment = yaml.safe_load((REPO / "examples" / f"{method}_cifar10.yaml").read_text())
     train = experiment["train"]
-    if method == "moco":  # MoCo v3's recipe for ViTs
-        train["optimizer"] = {"name": "adamw", "lr": 1.5e-4 * train["batch_size"] / 256, "betas": [0.9, 0.999],
-                              "weight_decay": 0.1}
-    train["optimizer"]["lr"] *= args.batch_size / train["batch_size"]  # linear scaling rule
+    if method == "moco":  # MoCo v3's recipe for ViTs: base lr 1.5e-4 x B/256 (lr_scaling: linear, MoCo's rule)
+        train["optimizer"] = {"name": "adamw", "lr": 1.5e-4, "betas": [0.9, 0.999], "weight_decay": 0.1}
     experiment.update(name=f"vit_{method}", seed=0, output_dir="bench/runs", evaluators=[KNN], encoder=VIT,
                       scaling={"backend": "local", "num_workers": 1},
                       checkpoint={"every_epochs": args.epochs, "keep": 1},

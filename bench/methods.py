@@ -4,9 +4,10 @@ PCL, SimCLR, BYOL, SimSiam, Barlow Twins, VICReg and MAE.
 Each method runs its own CIFAR-10 example (examples/<method>_cifar10.yaml: its head, loss, augmentation
 and optimizer as the recipe has them) with the same budget put over it: the quality benchmark's network
 (ResNet-18 with torchvision's stem at 32 px; MAE, which needs a ViT, keeps its example's ViT-Tiny), the
-same subset of the training images, the same epochs, batch size and warm-up, the recipe's learning rate
-scaled linearly to the batch size (the rule of the papers), in-process (backend local). A method's own
-epoch counts (PCL's warm-up before the first E-step) keep their share of the example's epochs.
+same subset of the training images, the same epochs, batch size and warm-up, the recipe's base learning
+rate scaled to the batch size by its rule (linear for all of them, the papers'), in-process (backend
+local). A method's own epoch counts (PCL's warm-up before the first E-step) keep their share of the
+example's epochs.
 Scored at the end by kNN (k 200, tau 0.1) on the 10,000 test images.
 A quality run whose folder holds a finished run is not repeated (delete bench/runs/NAME to redo it).
 
@@ -43,9 +44,7 @@ KNN = {"name": "knn", "k": 200, "temperature": 0.1, "every_epochs": 0,
 def budget_config(method: str, args: argparse.Namespace) -> Path:
     """The method's example with the common budget put over it, written to bench/runs/."""
     config = yaml.safe_load((REPO / "examples" / f"{method}_cifar10.yaml").read_text())
-    train = config["train"]
-    optimizer = train["optimizer"]
-    optimizer["lr"] = optimizer["lr"] * args.batch_size / train["batch_size"]  # linear scaling rule
+    train = config["train"]  # its base lr is scaled to the budget's batch by the recipe's lr_scaling (linear)
     if "warmup_epochs" in config["method"]:  # PCL's InfoNCE-only epochs: the same share of the run
         config["method"]["warmup_epochs"] = round(config["method"]["warmup_epochs"] * args.epochs / train["epochs"])
     if not config["encoder"]["name"].startswith("vit"):
@@ -111,18 +110,12 @@ def floor(config: Path) -> float:
 
 def parameters(method: str, config: Path) -> float:
     """Trainable parameters of the method as built for this budget, in millions."""
-    import torch
-
     from sslcore.config import load_experiment
-    from sslcore.engine.context import MethodContext
-    from sslcore.engine.loop import build_method
+    from sslcore.engine.launch import dry_build
     from sslcore.registry import Registry
 
     registry = Registry()
-    experiment = load_experiment(config, registry).as_dict()
-    context = MethodContext(world_size=1, rank=0, global_batch_size=experiment["train"]["batch_size"],
-                            steps_per_epoch=1, epochs=1, device=torch.device("cpu"))
-    model = build_method(experiment, registry, context)
+    model = dry_build(load_experiment(config, registry), registry)
     return sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
 
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 from bare_moco import BareMoCo, BareStep
-from harness import experiment, make_trainer, median, save, time_steps
+from harness import experiment, make_trainer, median, save, time_steps, train_step
 
 CONFIGS = {  # name -> (precision, channels_last, compile)
     "fp32": ("fp32", False, False),
@@ -56,7 +56,7 @@ def main() -> None:
         views = [x_q, x_k]
 
         def sslcore_step(trainer=trainer, views=views):
-            return trainer.train_step(trainer._images(views))
+            return train_step(trainer, views)
 
         def bare_step(bare=bare):
             return bare(x_q, x_k)

@@ -41,16 +41,14 @@ MECHANISMS = {"end_to_end": "end-to-end (in-batch)", "memory_bank": "memory bank
 
 def overrides(mechanism: str, k: int, args: argparse.Namespace) -> list[str]:
     """quickstart.yaml's ``--set`` overrides for one run: the budget, then the mechanism with K negatives."""
-    base = yaml.safe_load(QUICKSTART.read_text())
-    batch_size = k if mechanism == "end_to_end" else args.batch_size
-    lr = base["train"]["optimizer"]["lr"] * batch_size / base["train"]["batch_size"]  # linear scaling rule
+    batch_size = k if mechanism == "end_to_end" else args.batch_size  # the base lr scales with it (linear rule)
     data_root = args.data_root.expanduser().resolve()
     sets = [f"name={mechanism}_K{k}", f"output_dir={args.out.resolve() / 'runs'}", f"seed={args.seed}",
             "scaling.backend=local", "tracking.aim=null", "tracking.progress_bar=false",
             f"data.root={data_root / 'train'}", f"data.max_per_class={args.max_per_class}",
             f"evaluators.0.data.root={data_root / 'test'}", f"evaluators.0.data.max_per_class={args.test_per_class}",
             "evaluators.0.every_epochs=0", f"train.epochs={args.epochs}", "train.eval_at_start=false",
-            f"train.batch_size={batch_size}", f"train.optimizer.lr={lr:g}", "checkpoint.every_epochs=1",
+            f"train.batch_size={batch_size}", "checkpoint.every_epochs=1",
             "checkpoint.keep=1"]
     if mechanism == "end_to_end":
         return [*sets, "method.momentum=0", "negatives={name: in_batch}"]

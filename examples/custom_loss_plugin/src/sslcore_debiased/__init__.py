@@ -6,7 +6,8 @@ the debiased estimate of the negatives' term replaces the plain sum over the N n
     Ng = max((sum_j exp(q.n_j / t) - N tau+ exp(q.k / t)) / (1 - tau+),  N exp(-1 / t))
     loss = -log(exp(q.k / t) / (exp(q.k / t) + Ng))
 
-Same call as sslcore's ``info_nce``, so it drops into MoCo (or any method using that signature).
+A ContrastiveLoss, the call of sslcore's ``info_nce``, so it fits the loss slot of MoCo, PCL or any method
+whose slot needs one; ``sslcore validate`` refuses it in a slot that needs a paired loss.
 """
 
 import math
@@ -15,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from sslcore import hookimpl
+from sslcore.api.hookspecs import ContrastiveLoss, RegisterLoss
 
 
 class DebiasedConfig(BaseModel):
@@ -24,7 +26,7 @@ class DebiasedConfig(BaseModel):
     tau_plus: float = Field(0.1, ge=0, lt=1, description="tau+, the prior probability of a same-class negative.")
 
 
-class DebiasedInfoNCELoss(torch.nn.Module):
+class DebiasedInfoNCELoss(torch.nn.Module, ContrastiveLoss):
     def __init__(self, config: DebiasedConfig) -> None:
         super().__init__()
         self.t, self.tau_plus = config.temperature, config.tau_plus
@@ -43,5 +45,5 @@ class DebiasedInfoNCELoss(torch.nn.Module):
 
 
 @hookimpl
-def register_losses(register):
+def register_losses(register: RegisterLoss) -> None:
     register("debiased_info_nce", DebiasedInfoNCELoss, config=DebiasedConfig)
