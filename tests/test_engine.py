@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -55,16 +56,32 @@ def train_losses(run_dir: Path, epoch: int) -> list[float]:
     return [r["loss"] for r in lines if r["subset"] == "train" and r["epoch"] == epoch]
 
 
-def test_resume_after_a_crash_repeats_the_uninterrupted_run(tmp_path: Path, cifar10_subset: dict) -> None:
+BYOL = {"method": {"name": "byol", "projector_hidden_dim": 64, "dim": 32, "predictor_hidden_dim": 64,
+                   "base_momentum": 0.9},
+        "augmentation": {"name": "byol", "size": 32}, "negatives": None,
+        "plugins": ["sslcore_byol.plugin"]}
+
+
+def train_records(run_dir: Path, epoch: int) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["subset"] == "train" and r["epoch"] == epoch]
+
+
+@pytest.mark.parametrize("method", ["moco", "byol"])
+def test_resume_after_a_crash_repeats_the_uninterrupted_run(tmp_path: Path, cifar10_subset: dict,
+                                                            method: str) -> None:
+    """Killed during epoch 2 and resumed, a run repeats the uninterrupted one bit for bit: MoCo's queue and
+    key encoder, BYOL's target and its scheduled tau (a function of the restored step)."""
+    overrides = BYOL if method == "byol" else {}
     (tmp_path / "a").mkdir()
-    straight = experiment(tmp_path / "a", cifar10_subset)
+    straight = experiment(tmp_path / "a", cifar10_subset, **overrides)
     out = run("run", str(straight))
     assert out.returncode == 0, out.stderr[-3000:]
-    expected = train_losses(tmp_path / "a" / "runs" / "unit", epoch=1)
+    expected = train_records(tmp_path / "a" / "runs" / "unit", epoch=1)
     assert len(expected) == 5
 
     (tmp_path / "b").mkdir()
-    crashed = experiment(tmp_path / "b", cifar10_subset)
+    crashed = experiment(tmp_path / "b", cifar10_subset, **overrides)
     run_dir = tmp_path / "b" / "runs" / "unit"
     process = subprocess.Popen([*CLI, "run", str(crashed)], env=env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, start_new_session=True)
@@ -80,8 +97,14 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run(tmp_path: Path, cifa
     out = run("run", "--resume", str(run_dir))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming" in out.stdout
-    resumed = train_losses(run_dir, epoch=1)[-5:]
-    assert resumed == expected  # bit for bit: same data order, augmentations, queue and optimizer state
+    resumed = train_records(run_dir, epoch=1)[-5:]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in expected]  # same data, state and optimizer
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in expected]
+    if method == "byol":
+        taus = [r["tau"] for r in resumed]
+        assert taus == [r["tau"] for r in expected]
+        # tau_k = 1 - (1 - 0.9)(cos(pi k / K) + 1) / 2 at the last step k of each window; K = 10 steps
+        assert taus == [pytest.approx(1 - 0.1 * (math.cos(math.pi * k / 10) + 1) / 2) for k in range(5, 10)]
 
 
 def test_run_refuses_to_overwrite_and_export_loads_into_plain_torchvision(
