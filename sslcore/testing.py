@@ -146,9 +146,9 @@ def run_example_briefly(example: Path, cifar10_dir: Path, tmp_path: Path, *overr
     """Run the experiment file ``example`` through the CLI on the CIFAR-10 images of ``cifar10_dir`` (it
     names ``~/.cache/sslcore/cifar10``), shrunk by :data:`BRIEF_RUN` and then ``overrides`` (``key=value``).
     Checks that it exits 0 with a final kNN top-1 in [0, 1] and a checkpoint; returns the run folder."""
-    import json
-
     import yaml
+
+    from sslcore.engine.rundir import RunDir
 
     config = tmp_path / example.name
     config.write_text(example.read_text().replace("~/.cache/sslcore/cifar10", str(cifar10_dir)))
@@ -156,11 +156,11 @@ def run_example_briefly(example: Path, cifar10_dir: Path, tmp_path: Path, *overr
     out = run_cli("run", str(config), *sets, cwd=tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     experiment = yaml.safe_load(config.read_text())
-    run_dir = tmp_path / experiment.get("output_dir", "runs") / experiment["name"]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run = RunDir(tmp_path / experiment.get("output_dir", "runs") / experiment["name"])
+    summary = run.read_summary()
     assert 0.0 <= summary["final"]["knn_top1"] <= 1.0, summary
-    assert list(run_dir.glob("checkpoint_*/state.pt")), f"no checkpoint in {run_dir}"
-    return run_dir
+    assert run.checkpoints(), f"no checkpoint in {run.path}"
+    return run.path
 
 
 def tiny_encoder(feature_dim: int = 8) -> Any:

@@ -60,7 +60,7 @@ def plain_torchvision_resnet(arch: Arch, cifar_stem: bool, maxpool: bool | None 
         if cifar_stem:
             model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             model.maxpool = nn.Identity()          # unless the encoder had maxpool: true
-        model.load_state_dict(torch.load("encoder.pt"))
+        model.load_state_dict(torch.load("encoder.pt", weights_only=True))
     """
     from torchvision import models
 
@@ -230,7 +230,7 @@ def plain_torchvision_vit(name: str, image_size: int, patch_size: int, depth: in
         model = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=12, num_heads=3,
                                                      hidden_dim=192, mlp_dim=768)  # vit_tiny at 32 px
         model.heads = nn.Identity()
-        model.load_state_dict(torch.load("encoder.pt"))
+        model.load_state_dict(torch.load("encoder.pt", weights_only=True))
     """
     from torchvision.models import VisionTransformer
 
