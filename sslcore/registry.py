@@ -316,7 +316,7 @@ def missing_members(obj: Any, protocol: type) -> list[str]:
     """The attributes and methods of ``protocol`` that ``obj`` lacks (why ``isinstance(obj, protocol)`` fails)."""
     members: set[str] = set()
     for base in protocol.__mro__:
-        if getattr(base, "_is_protocol", False) and base.__module__ == hookspecs.__name__:
+        if getattr(base, "_is_protocol", False) and base.__module__ != "typing":  # the protocols, not Protocol
             members |= {name for name in (*vars(base), *getattr(base, "__annotations__", {}))
                         if not name.startswith("_") or name in ("__call__", "__len__", "__getitem__")}
     return sorted(name for name in members if not hasattr(obj, name))

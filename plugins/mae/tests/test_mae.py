@@ -1,7 +1,8 @@
 """MAE: patchify, the random masking and its unshuffling, the loss on masked patches (with and without
 norm_pix_loss) against formulas written out here, the encoder seeing only the visible patches, the ``mae``
-augmentation, the plugin contract and entry point, and the CIFAR-10 example through the CLI with its
-reconstruction pictures and a resume."""
+augmentation, the official recipe that ``method: mae`` resolves to and its weight decay and lr through the
+engine's optimizer, the encoder slot that refuses a ResNet, the plugin contract and entry point, and the
+CIFAR-10 example through the CLI with its reconstruction pictures and a resume."""
 
 from __future__ import annotations
 
@@ -15,23 +16,29 @@ import yaml
 from PIL import Image
 from sslcore_mae import MAE, MAEConfig, patchify, random_masking, reconstruction_loss, unpatchify
 
+from sslcore.api.errors import ConfigError
+from sslcore.api.hookspecs import PatchEncoder, Slot
+from sslcore.config import load_experiment, resolve
+from sslcore.engine.build import build_method, build_optimization
 from sslcore.engine.context import MethodContext
-from sslcore.engine.loop import Trainer, make_spec
+from sslcore.engine.loop import Trainer, WorkerSpec
+from sslcore.engine.rundir import RunDir
 from sslcore.engine.session import LocalSession
 from sslcore.registry import Registry
-from sslcore.testing import check_component, check_plugin, run_example_briefly
+from sslcore.testing import built_slots, check_component, check_plugin, run_example_briefly
 
 torch.set_num_threads(1)
 
 SIZE, PATCH = 16, 4  # L = 16 patches of 4 x 4 x 3 = 48 values
+EXAMPLE = Path(__file__).parents[3] / "examples" / "mae_cifar10.yaml"
 
 
 def build_mae(registry: Registry, **method) -> MAE:
     context = MethodContext(world_size=1, rank=0, global_batch_size=4, steps_per_epoch=1, epochs=1,
-                            device=torch.device("cpu"))
+                            device=torch.device("cpu"), dataset_size=4)
     encoder = registry.build("encoder", {"name": "vit_tiny", "image_size": SIZE, "patch_size": PATCH, "depth": 2})
     config = MAEConfig(**{"decoder_width": 32, "decoder_depth": 1, "decoder_heads": 2, **method})
-    return MAE(config, context=context, encoder=encoder)
+    return MAE(config, context=context, slots=built_slots(encoder=encoder))
 
 
 def images(n: int = 4, seed: int = 0) -> torch.Tensor:
@@ -153,18 +160,105 @@ def test_the_decoder_puts_each_token_back_at_its_patch(registry: Registry) -> No
             torch.testing.assert_close(inputs[0][i, 1 + patch], token + position[1 + patch])
 
 
-def test_mae_needs_a_vit(registry: Registry) -> None:
-    context = MethodContext(world_size=1, rank=0, global_batch_size=4, steps_per_epoch=1, epochs=1,
-                            device=torch.device("cpu"))
-    with pytest.raises(ValueError, match="mae needs a ViT encoder"):
-        MAE(MAEConfig(), context=context, encoder=registry.build("encoder", {"name": "resnet18"}))
+def registry_with_mae() -> Registry:
+    registry = Registry(autoload=False)
+    registry.add_module("sslcore_mae.plugin")
+    return registry
+
+
+DATA = {"name": "image_folder", "root": "/nowhere"}  # not read by resolve
+
+
+def test_the_encoder_slot_refuses_an_encoder_without_patches() -> None:
+    with pytest.raises(ConfigError) as error:
+        resolve({"method": "mae", "encoder": {"name": "resnet18"}, "data": DATA}, registry_with_mae())
+    (line,) = error.value.args  # one error, on one line
+    assert "\n" not in line and "encoder.name" in line and "resnet18" in line
+    assert line.rsplit("that fit: ", 1)[1].split(", ") == ["vit_base", "vit_small", "vit_tiny"]
+
+
+def test_a_mask_ratio_that_leaves_no_patch_is_refused(registry: Registry) -> None:
+    with pytest.raises(ValueError, match="leaves none of the 16 patches visible"):
+        build_mae(registry, mask_ratio=0.95)
+
+
+def test_method_mae_alone_is_the_official_recipe() -> None:
+    """facebookresearch/mae @ efb2a80: PRETRAIN.md's command (--blr 1.5e-4 --weight_decay 0.05 --epochs 800
+    --warmup_epochs 40 --norm_pix_loss --mask_ratio 0.75, effective batch 64 x 8 x 8 = 4096, --model
+    mae_vit_base_patch16 for ViT-B), main_pretrain.py (torch.optim.AdamW(param_groups, lr=args.lr,
+    betas=(0.9, 0.95)), args.lr = args.blr * eff_batch_size / 256, --min_lr 0, timm's add_weight_decay),
+    util/lr_sched.py (warmup, then half-cycle cosine), models_mae.py (decoder_embed_dim=512, decoder_depth=8,
+    decoder_num_heads=16)."""
+    resolved = resolve({"method": "mae", "data": DATA}, registry_with_mae()).as_dict()
+    train = resolved["train"]
+    assert train["optimizer"] == {"name": "adamw", "lr": 1.5e-4, "betas": [0.9, 0.95], "weight_decay": 0.05,
+                                  "eps": 1e-8}
+    assert train["lr_scaling"] == "linear" and train["warmup_epochs"] == 40
+    assert train["schedule"] == "cosine" and train["final_lr"] == 0.0
+    assert train["epochs"] == 800 and train["batch_size"] == 4096
+    assert train["grad_clip"] is None and train["weight_decay_end"] is None
+    assert train["param_groups"] == {"bias_and_norm": {"lr": None, "weight_decay": 0.0, "lars_exclude": False,
+                                                       "fixed_lr": False}}
+    method = resolved["method"]
+    assert (method["decoder_width"], method["decoder_depth"], method["decoder_heads"]) == (512, 8, 16)
+    assert method["mask_ratio"] == 0.75 and method["norm_pix_loss"] is True
+    assert resolved["encoder"] == {"name": "vit_base", "image_size": 224, "patch_size": 16,
+                                   "position_embedding": "sincos", "pool": "cls", "depth": None}
+    assert resolved["augmentation"]["name"] == "mae" and resolved["augmentation"]["scale"] == [0.2, 1.0]
+
+
+def official_lr(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
+    """The lr at optimizer step t (0-based): linear warmup reaching the peak at the last warmup step, then
+    half-cycle cosine from the peak to 0 over the remaining steps (util/lr_sched.py per iteration)."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
+
+
+def test_the_example_decays_every_weight_but_no_bias_or_norm_through_the_schedule() -> None:
+    """Through the engine: every 1-D parameter (biases, LayerNorms) at weight decay 0, every other trainable
+    one at 0.05, the CLS and mask tokens included (timm's add_weight_decay), for every step of a short run
+    whose lr follows the warmup and the cosine."""
+    registry = registry_with_mae()
+    batch, steps_per_epoch, epochs, warmup = 4, 2, 5, 2
+    resolved = load_experiment(EXAMPLE, registry, [
+        "encoder.depth=1", "method.decoder_depth=1", f"train.batch_size={batch}", f"train.epochs={epochs}",
+        f"train.warmup_epochs={warmup}"]).as_dict()
+    total = steps_per_epoch * epochs
+    context = MethodContext(world_size=1, rank=0, global_batch_size=batch, steps_per_epoch=steps_per_epoch,
+                            epochs=epochs, device=torch.device("cpu"), dataset_size=batch * steps_per_epoch)
+    torch.manual_seed(0)
+    method = build_method(resolved, registry, context)
+    optimization = build_optimization(method, resolved, registry, steps_per_epoch, total)
+    optimizer, scheduler = optimization.optimizer, optimization.scheduler
+    assert optimization.grad_clip is None and optimization.weight_decay is None
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    named = dict(method.named_parameters())
+    trainable = {name: p for name, p in named.items() if p.requires_grad}
+    assert len(decay_of) == len(trainable) == sum(len(g["params"]) for g in optimizer.param_groups)
+    for name, p in trainable.items():
+        assert decay_of[id(p)] == (0.0 if p.ndim == 1 else 0.05), name
+    assert decay_of[id(named["backbone.class_token"])] == 0.05 and decay_of[id(named["decoder.mask_token"])] == 0.05
+    assert any(name.endswith(".bias") for name, p in trainable.items() if decay_of[id(p)] == 0.0)
+
+    peak = 1.5e-4 * batch / 256  # base lr x B / 256
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for step in range(total):
+        for group in optimizer.param_groups:
+            assert group["lr"] == pytest.approx(official_lr(step, peak, warmup * steps_per_epoch, total), rel=1e-9,
+                                                abs=1e-15), (step, group["group"])
+            assert group["weight_decay"] == (0.0 if group["group"] == "bias_and_norm" else 0.05)
+        optimizer.zero_grad(set_to_none=True)
+        method([x])["loss"].backward()
+        optimizer.step()
+        scheduler.step()
 
 
 def test_the_mae_augmentation_makes_one_cropped_and_flipped_view(registry: Registry) -> None:
     augmentation = registry.build("augmentation", {"name": "mae", "size": 32})
     image = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()
     views = augmentation.views(image)
-    assert augmentation.num_views == 1 and len(views) == 1 and views[0].shape == (3, 32, 32)
+    assert list(augmentation.view_sizes) == [32] and len(views) == 1 and views[0].shape == (3, 32, 32)
     names = [type(t).__name__ for t in augmentation.view_transforms[0].transforms]
     assert names == ["RandomResizedCrop", "HorizontalFlip", "Normalize", "ToTensorV2"]
     assert augmentation.view_transforms[0].transforms[0].scale == (0.2, 1.0)
@@ -180,14 +274,13 @@ def test_mae_meets_the_method_contract(registry: Registry) -> None:
 def test_the_installed_entry_point_registers_mae() -> None:
     method = Registry(autoload=True).get("method", "mae")
     assert method.distribution == "sslcore-mae" and method.factory is MAE
-    assert method.extra["slots"] == {"encoder": {"name": "vit_base", "patch_size": 16, "image_size": 224},
-                                     "augmentation": {"name": "mae"}}
+    assert method.slots["encoder"] == Slot(PatchEncoder, {"name": "vit_base", "patch_size": 16, "image_size": 224})
+    assert method.slots["augmentation"].default == {"name": "mae"}
 
 
 def test_cifar10_example_runs_draws_reconstructions_and_resumes(tmp_path: Path, cifar10_dir: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    run_dir = run_example_briefly(Path(__file__).parents[3] / "examples" / "mae_cifar10.yaml", cifar10_dir,
-                                  tmp_path, "encoder.depth=2")
+    run_dir = run_example_briefly(EXAMPLE, cifar10_dir, tmp_path, "encoder.depth=2")
     with Image.open(run_dir / "reconstructions_epoch000.png") as picture:  # before epoch 1: the untrained model
         assert picture.size == (8 * 128, 3 * 128)  # 8 images in 3 rows, the 32 px cells enlarged 4x
     assert (run_dir / "reconstructions_epoch001.png").is_file()  # at the end of training (on_train_end)
@@ -199,8 +292,9 @@ def test_cifar10_example_runs_draws_reconstructions_and_resumes(tmp_path: Path, 
     experiment = yaml.safe_load((run_dir / "config.yaml").read_text())
     experiment["train"]["epochs"] = 2
     experiment["method"]["picture_every_epochs"] = 1
-    spec = make_spec(experiment, run_dir, ["sslcore_mae.plugin"], autoload=False, source="test")
-    trainer = Trainer(spec, LocalSession(run_dir, keep=2, use_gpu=False))
+    spec = WorkerSpec(experiment=experiment, run_dir=str(run_dir), plugins=("sslcore_mae.plugin",), autoload=False,
+                      source="test")
+    trainer = Trainer(spec, LocalSession(RunDir(run_dir), keep=2, use_gpu=False))
     last = trainer.fit()
     assert trainer.start_epoch == 1 and last["epoch"] == 1 and last["step"] == 4
     assert math.isfinite(last["loss"]) and 0.0 <= last["knn_top1"] <= 1.0

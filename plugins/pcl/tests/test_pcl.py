@@ -1,5 +1,6 @@
 """PCL: phi and ProtoNCE against the official formulas written out here, the E-step on real CIFAR-10 images
-(in-process, through a resume, and with 2 real Ray workers), and the plugin contract."""
+(in-process, through a resume, and with 2 real Ray workers), the official recipe that ``method: pcl`` resolves
+to, the loss slot that refuses a loss without prototypes, and the plugin contract."""
 
 from __future__ import annotations
 
@@ -15,8 +16,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from sslcore_pcl import PCL, ProtoNCEConfig, ProtoNCELoss, Prototypes, concentration, sample_negative_prototypes
+from sslcore_pcl import (
+    PCL,
+    ProtoNCEConfig,
+    ProtoNCELoss,
+    Prototypes,
+    PrototypicalLoss,
+    concentration,
+    sample_negative_prototypes,
+)
 
+from sslcore.api.errors import ConfigError
+from sslcore.config import resolve
+from sslcore.engine.rundir import RunDir
 from sslcore.registry import Registry
 from sslcore.testing import check_component
 
@@ -135,11 +147,36 @@ def test_the_installed_entry_point_registers_pcl() -> None:
     assert registry.get("loss", "proto_nce").distribution == "sslcore-pcl"
 
 
-def test_pcl_refuses_a_loss_without_prototypes(tmp_path: Path, cifar10_subset: dict) -> None:
-    path = experiment(tmp_path, cifar10_subset, loss={"name": "info_nce"})
-    out = run("run", str(path))
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert "pcl needs the proto_nce loss" in out.stderr
+def test_method_pcl_alone_is_the_official_imagenet_recipe() -> None:
+    """salesforce/PCL main_pcl.py @ 964da1f with the README's PCL v2 flags (--mlp --aug-plus --cos): its
+    argparse defaults --lr 0.03, --momentum 0.9, --wd 1e-4, -b 256, --epochs 200, --cos (cosine, no lr warmup:
+    --warmup-epoch 20 is the InfoNCE-only epochs), ``torch.optim.SGD(model.parameters(), ...)`` (weight decay on
+    every parameter); --temperature 0.2, --pcl-r 16384 (queue and negative prototypes), --num-cluster
+    25000,50000,100000, resnet50."""
+    resolved = resolve({"method": "pcl", "data": {"name": "image_folder", "root": "/nowhere"}},
+                       registry_with_pcl()).as_dict()
+    train = resolved["train"]
+    assert train["optimizer"] == {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False}
+    assert train["lr_scaling"] == "linear" and train["batch_size"] == 256 and train["epochs"] == 200
+    assert train["schedule"] == "cosine" and train["final_lr"] == 0.0 and train["warmup_epochs"] == 0
+    assert train["param_groups"] == {} and train["grad_clip"] is None and train["weight_decay_end"] is None
+    assert resolved["method"]["warmup_epochs"] == 20 and resolved["method"]["mlp"] is True
+    assert resolved["method"]["dim"] == 128 and resolved["method"]["momentum"] == 0.999
+    assert resolved["encoder"]["name"] == "resnet50" and resolved["augmentation"]["name"] == "moco_v2"
+    assert resolved["negatives"] == {"name": "queue", "size": 16384}
+    assert resolved["loss"] == {"name": "proto_nce", "temperature": 0.2, "num_negative_prototypes": 16384}
+    assert resolved["clustering"]["name"] == "faiss_kmeans"
+    assert resolved["clustering"]["num_clusters"] == [25000, 50000, 100000]
+
+
+def test_the_loss_slot_refuses_a_loss_without_prototypes() -> None:
+    assert isinstance(ProtoNCELoss(ProtoNCEConfig()), PrototypicalLoss)
+    with pytest.raises(ConfigError) as error:
+        resolve({"method": "pcl", "loss": {"name": "info_nce"}, "data": {"name": "image_folder", "root": "/nowhere"}},
+                registry_with_pcl())
+    (line,) = error.value.args  # one error, on one line
+    assert "\n" not in line and "loss.name" in line and "info_nce" in line
+    assert line.endswith("proto_nce"), line  # the losses that fit: proto_nce alone
 
 
 def experiment(tmp_path: Path, subset: dict[str, Path], **overrides: object) -> Path:
@@ -157,7 +194,8 @@ def experiment(tmp_path: Path, subset: dict[str, Path], **overrides: object) -> 
         "data": {"name": "image_folder", "root": str(subset["train"])},
         # a constant learning rate, so that a run stopped after 2 epochs and resumed with 3 repeats a 3-epoch one
         "train": {"epochs": 3, "batch_size": 16, "max_steps_per_epoch": 3, "log_every_steps": 1,
-                  "optimizer": {"name": "sgd", "lr": 0.05}, "schedule": "constant", "warmup_epochs": 0},
+                  "optimizer": {"name": "sgd", "lr": 0.05}, "lr_scaling": "none", "schedule": "constant",
+                  "warmup_epochs": 0},
         "scaling": {"backend": "local"},
         "evaluators": [],
         "checkpoint": {"every_epochs": 1, "keep": 3},
@@ -220,12 +258,12 @@ def test_e_steps_cluster_real_images_and_their_state_survives_resume(tmp_path: P
     resumed = tmp_path / "resumed" / "runs" / "pcl"
     for key in ("assignments", "prototypes_0", "phi_0", "prototypes_1", "phi_1", "clustered"):
         torch.testing.assert_close(state(resumed, 1)[key], clustered[key])
-    from sslcore.engine.loop import Trainer
+    from sslcore.engine.loop import Trainer, WorkerSpec
     from sslcore.engine.session import LocalSession
 
-    spec = {"experiment": yaml.safe_load((resumed / "config.yaml").read_text()), "run_dir": str(resumed),
-            "plugins": ["sslcore_moco.plugin", "sslcore_pcl.plugin"], "autoload": False, "source": "test"}
-    trainer = Trainer(spec, LocalSession(resumed, keep=3, use_gpu=False))
+    spec = WorkerSpec(experiment=yaml.safe_load((resumed / "config.yaml").read_text()), run_dir=str(resumed),
+                      plugins=("sslcore_moco.plugin", "sslcore_pcl.plugin"), autoload=False, source="test")
+    trainer = Trainer(spec, LocalSession(RunDir(resumed), keep=3, use_gpu=False))
     trainer.setup()
     assert isinstance(trainer.method, PCL) and trainer.start_epoch == 2
     torch.testing.assert_close(trainer.method.assignments, clustered["assignments"])
@@ -242,7 +280,7 @@ def test_two_ray_workers_run_an_e_step_on_real_images(tmp_path: Path, cifar10_su
     path = experiment(tmp_path, cifar10_subset, scaling={"backend": "ray", "num_workers": 2},
                       method={"name": "pcl", "momentum": 0.99, "warmup_epochs": 1, "grid_prototypes": 2},
                       train={"epochs": 2, "batch_size": 16, "max_steps_per_epoch": 2, "log_every_steps": 1,
-                             "optimizer": {"name": "sgd", "lr": 0.05}})
+                             "optimizer": {"name": "sgd", "lr": 0.05}, "lr_scaling": "none"})
     out = run("run", str(path), cwd=tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     run_dir = tmp_path / "runs" / "pcl"
@@ -250,9 +288,7 @@ def test_two_ray_workers_run_an_e_step_on_real_images(tmp_path: Path, cifar10_su
     (e_step,) = [r for r in logged if r["subset"] == "epoch_start"]
     assert e_step["epoch"] == 1 and "ami_10" in e_step
     assert all("acc_proto_10" in r for r in logged if r["subset"] == "train" and r["epoch"] == 1)
-    from sslcore.engine.launch import checkpoints
-
-    final = torch.load(checkpoints(run_dir)[-1], weights_only=True)["model"]  # Ray names its checkpoints itself
+    final = torch.load(RunDir(run_dir).checkpoints()[-1], weights_only=True)["model"]  # Ray names its checkpoints
     # every image of the 200 was embedded (by one of the two workers) and assigned
     assert final["clustered"] and (final["assignments"] >= 0).all() and final["assignments"].shape == (2, 200)
     assert (run_dir / "prototypes_epoch002.png").is_file()

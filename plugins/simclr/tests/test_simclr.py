@@ -1,6 +1,7 @@
 """SimCLR: NT-Xent against its formula written out here as the 2N x 2N loop, the contrastive accuracy, one
 batch through the encoder and the head, two real gloo workers against one process (the loss alone and the
-method), the plugin contract, and the CIFAR-10 example through the CLI."""
+method), the official recipe that ``method: simclr`` resolves to, the loss slot that refuses a contrastive
+loss, the plugin contract, and the CIFAR-10 example through the CLI."""
 
 from __future__ import annotations
 
@@ -14,20 +15,26 @@ from sslcore_simclr import NTXentConfig, NTXentLoss, SimCLR, SimCLRConfig, contr
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from sslcore.api.errors import ConfigError
+from sslcore.api.hookspecs import PairedLoss, Slot
+from sslcore.config import resolve
 from sslcore.engine.context import MethodContext
 from sslcore.registry import Registry
-from sslcore.testing import check_plugin, run_distributed, run_example_briefly, tiny_encoder
+from sslcore.testing import built_slots, check_plugin, run_distributed, run_example_briefly, tiny_encoder
 from sslcore.toolkit.heads import MLPHead
 
 GLOBAL_BATCH = 8
 TAU = 0.5
 
 
-def build_simclr(temperature: float = TAU) -> SimCLR:
-    context = MethodContext(world_size=1, rank=0, global_batch_size=GLOBAL_BATCH, steps_per_epoch=1, epochs=1,
-                            device=torch.device("cpu"))
-    return SimCLR(SimCLRConfig(head_hidden_dim=16, dim=8), context=context, encoder=tiny_encoder(),
-                  loss=NTXentLoss(NTXentConfig(temperature=temperature)))
+def context() -> MethodContext:
+    return MethodContext(world_size=1, rank=0, global_batch_size=GLOBAL_BATCH, steps_per_epoch=1, epochs=1,
+                         device=torch.device("cpu"), dataset_size=GLOBAL_BATCH)
+
+
+def build_simclr(temperature: float = TAU, **method) -> SimCLR:
+    slots = built_slots(encoder=tiny_encoder(), loss=NTXentLoss(NTXentConfig(temperature=temperature)))
+    return SimCLR(SimCLRConfig(**{"head_hidden_dim": 16, "dim": 8, **method}), context=context(), slots=slots)
 
 
 def views(n: int = GLOBAL_BATCH, seed: int = 0) -> list[torch.Tensor]:
@@ -171,6 +178,12 @@ def test_two_workers_compute_the_loss_and_gradients_of_one_process() -> None:
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_the_head_is_as_wide_as_the_encoder_by_default() -> None:
+    model = build_simclr(head_hidden_dim=None)  # the official code: hidden width = the encoder's
+    assert model.projector.dims == [8, 8, 8]
+    assert SimCLRConfig().head_hidden_dim is None and SimCLRConfig().dim == 128
+
+
 def test_simclr_meets_the_method_and_loss_contracts(registry: Registry) -> None:
     check_plugin(registry, "sslcore_simclr.plugin", [("method", "simclr"), ("loss", "nt_xent")])
 
@@ -180,9 +193,50 @@ def test_the_installed_entry_point_registers_simclr() -> None:
     method, loss = registry.get("method", "simclr"), registry.get("loss", "nt_xent")
     assert method.distribution == loss.distribution == "sslcore-simclr"
     assert method.factory is SimCLR and loss.factory is NTXentLoss
-    assert method.extra["slots"] == {"encoder": {"name": "resnet50"}, "augmentation": {"name": "simclr"},
-                                     "loss": {"name": "nt_xent", "temperature": 0.1}}
-    assert SimCLRConfig().head_hidden_dim == 2048 and SimCLRConfig().dim == 128
+    assert method.slots["loss"] == Slot(PairedLoss, {"name": "nt_xent", "temperature": 0.1})
+    assert method.slots["encoder"].default == {"name": "resnet50"}
+    assert method.slots["augmentation"].default == {"name": "simclr"}
+
+
+def registry_with_simclr() -> Registry:
+    registry = Registry(autoload=False)
+    registry.add_module("sslcore_simclr.plugin")
+    return registry
+
+
+DATA = {"name": "image_folder", "root": "/nowhere"}  # not read by resolve
+
+
+def test_method_simclr_alone_is_the_papers_imagenet_recipe() -> None:
+    """google-research/simclr run.py @ 85e8552 (v1), its flag defaults and the README's ImageNet command:
+    --optimizer lars, --learning_rate 0.3 per 256 images (model_util.learning_rate_schedule: scaled_lr =
+    lr x train_batch_size / 256), --momentum 0.9, --weight_decay 1e-6, eeta 0.001 (lars_optimizer.py),
+    --warmup_epochs 10 then tf.train.cosine_decay to 0, --train_batch_size 4096, --train_epochs 100,
+    --temperature 0.1; model.py excludes 'batch_normalization' and 'bias' from weight decay and from the
+    trust ratio (exclude_from_layer_adaptation defaults to exclude_from_weight_decay)."""
+    resolved = resolve({"method": "simclr", "data": DATA}, registry_with_simclr()).as_dict()
+    train = resolved["train"]
+    assert train["optimizer"] == {"name": "lars", "lr": 0.3, "momentum": 0.9, "weight_decay": 1e-6,
+                                  "trust_coefficient": 0.001, "clip_lr": False}
+    assert train["lr_scaling"] == "linear" and train["warmup_epochs"] == 10
+    assert train["schedule"] == "cosine" and train["final_lr"] == 0.0
+    assert train["epochs"] == 100 and train["batch_size"] == 4096
+    assert train["grad_clip"] is None and train["weight_decay_end"] is None
+    assert train["param_groups"] == {"bias_and_norm": {"lr": None, "weight_decay": 0.0, "lars_exclude": True,
+                                                       "fixed_lr": False}}
+    assert resolved["loss"] == {"name": "nt_xent", "temperature": 0.1}
+    assert resolved["encoder"]["name"] == "resnet50"
+    assert resolved["augmentation"]["name"] == "simclr" and resolved["augmentation"]["strength"] == 1.0
+    assert resolved["method"] == {"name": "simclr", "head_hidden_dim": None, "dim": 128}
+
+
+def test_the_loss_slot_refuses_a_contrastive_loss() -> None:
+    with pytest.raises(ConfigError) as error:
+        resolve({"method": "simclr", "loss": {"name": "info_nce"}, "data": DATA}, registry_with_simclr())
+    (line,) = error.value.args  # one error, on one line
+    assert "\n" not in line and "loss.name" in line and "info_nce" in line
+    fitting = line.rsplit("that fit: ", 1)[1].split(", ")
+    assert "nt_xent" in fitting and "info_nce" not in fitting
 
 
 def test_cifar10_example_runs_as_written(tmp_path: Path, cifar10_dir: Path) -> None:
@@ -196,7 +250,7 @@ def test_a_vit_encoder_block_trains_simclr(registry: Registry, tmp_path: Path) -
     """SimCLR with a ViT, built from an experiment file that swaps the encoder block."""
     from sslcore.components.encoders import VisionTransformerEncoder
     from sslcore.config import load_experiment
-    from sslcore.engine.loop import build_method
+    from sslcore.engine.build import build_method
 
     (tmp_path / "experiment.yaml").write_text(f"""
 method: {{name: simclr, head_hidden_dim: 16, dim: 8}}
@@ -206,10 +260,8 @@ data: {{name: image_folder, root: {tmp_path}}}
     registry.add_module("sslcore_simclr.plugin")
     try:
         experiment = load_experiment(tmp_path / "experiment.yaml", registry).as_dict()
-        context = MethodContext(world_size=1, rank=0, global_batch_size=GLOBAL_BATCH, steps_per_epoch=1, epochs=1,
-                                device=torch.device("cpu"))
         torch.manual_seed(0)
-        model = build_method(experiment, registry, context).train()
+        model = build_method(experiment, registry, context()).train()
     finally:
         registry.remove_plugin("sslcore_simclr.plugin")
     assert isinstance(model.backbone, VisionTransformerEncoder)

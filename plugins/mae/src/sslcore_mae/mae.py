@@ -30,7 +30,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from sslcore.components.encoders import VisionTransformerEncoder, sincos_position_embedding
+from sslcore.api.hookspecs import Method, PatchEncoder, Slots
+from sslcore.components.encoders import sincos_position_embedding
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -47,10 +48,11 @@ class MAEConfig(BaseModel):
 
     mask_ratio: float = Field(0.75, gt=0, lt=1, description="r, the fraction of the patches removed from each "
                                                             "image (0.75 in the paper)")
-    decoder_width: int = Field(128, ge=4, description="D', the decoder's width (official: 512 for ViT-B/L/H; "
-                                                      "128 suits ViT-Tiny); divisible by 4 and by decoder_heads")
-    decoder_depth: int = Field(4, ge=1, description="Transformer blocks of the decoder (official: 8)")
-    decoder_heads: int = Field(4, ge=1, description="attention heads of the decoder (official: 16)")
+    decoder_width: int = Field(512, ge=4, description="D', the decoder's width (official: 512, for ViT-B/L/H; "
+                                                      "the CIFAR-10 example's ViT-Tiny: 128); divisible by 4 and "
+                                                      "by decoder_heads")
+    decoder_depth: int = Field(8, ge=1, description="Transformer blocks of the decoder (official: 8)")
+    decoder_heads: int = Field(16, ge=1, description="attention heads of the decoder (official: 16)")
     norm_pix_loss: bool = Field(True, description="targets are each patch's pixels normalized by the patch's mean "
                                                   "and variance (the paper's default); false: the pixels")
     picture_every_epochs: int = Field(10, ge=0, description="write a PNG of originals, masked inputs and "
@@ -148,14 +150,16 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(self.blocks(x)))[:, 1:]  # N x L x (p*p*3), the CLS token dropped
 
 
-class MAE(nn.Module):
-    """MAE: the ViT encoder (``backbone``) on the visible patches and :class:`MAEDecoder`; see the module
-    docstring. Uses views[0], one view per image (the ``mae`` augmentation)."""
+class MAE(nn.Module, Method):
+    """MAE: the encoder (``backbone``, a :class:`PatchEncoder`: a ViT) on the visible patches and
+    :class:`MAEDecoder`; see the module docstring. Uses views[0], one view per image (the ``mae``
+    augmentation)."""
 
-    def __init__(self, config: MAEConfig, *, context: MethodContext, encoder: nn.Module) -> None:
+    backbone: PatchEncoder  # the encoder slot needs it (plugin.SLOTS), so validate refuses another encoder
+
+    def __init__(self, config: MAEConfig, *, context: MethodContext, slots: Slots) -> None:
         super().__init__()
-        if not isinstance(encoder, VisionTransformerEncoder):
-            raise ValueError(f"mae needs a ViT encoder (vit_tiny, vit_small, vit_base), got {type(encoder).__name__}")
+        encoder = slots.build("encoder")
         if int(encoder.num_patches * (1 - config.mask_ratio)) < 1:
             raise ValueError(f"mask_ratio {config.mask_ratio} leaves none of the {encoder.num_patches} patches "
                              f"visible; lower it or use a smaller patch_size")
@@ -172,11 +176,13 @@ class MAE(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """The official initialisation of encoder and decoder together: the patch embedding as a Linear
-        (Xavier uniform), the CLS and mask tokens N(0, 0.02^2), every Linear Xavier uniform with zero bias,
-        LayerNorms 1 and 0. Learned position embeddings keep the encoder's initialisation."""
-        weight = self.backbone.conv_proj.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        """The official initialisation of encoder and decoder together: the patch embedding (the encoder's
+        convolutions: a ViT has that one) as a Linear (Xavier uniform), the CLS and mask tokens N(0, 0.02^2),
+        every Linear Xavier uniform with zero bias, LayerNorms 1 and 0. Learned position embeddings keep the
+        encoder's initialisation."""
+        for module in self.backbone.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
         nn.init.normal_(self.backbone.class_token, std=0.02)
         nn.init.normal_(self.decoder.mask_token, std=0.02)
         for module in self.modules():
@@ -188,7 +194,7 @@ class MAE(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         images = views[0]  # N x 3 x H x W
         latent, mask, ids_restore = self.encode_visible(images)
         pred = self.decoder(latent, ids_restore)  # N x L x (p*p*3)

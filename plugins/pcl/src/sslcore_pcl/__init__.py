@@ -6,9 +6,10 @@ from sslcore_pcl.pcl import (
     ProtoNCEConfig,
     ProtoNCELoss,
     Prototypes,
+    PrototypicalLoss,
     concentration,
     sample_negative_prototypes,
 )
 
-__all__ = ["PCL", "PCLConfig", "ProtoNCEConfig", "ProtoNCELoss", "Prototypes", "concentration",
+__all__ = ["PCL", "PCLConfig", "ProtoNCEConfig", "ProtoNCELoss", "Prototypes", "PrototypicalLoss", "concentration",
            "sample_negative_prototypes"]

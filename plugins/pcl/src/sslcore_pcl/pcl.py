@@ -15,7 +15,8 @@ agree bit for bit). Each prototype gets a concentration, as the official ``run_k
 
 with T the loss's temperature. Assignments, prototypes and phi are buffers: checkpointed and restored.
 
-M-step: the ``loss`` slot (``proto_nce``, :class:`ProtoNCELoss`) on the query q_i of image i::
+M-step: the ``loss`` slot, a :class:`PrototypicalLoss` (``proto_nce``, :class:`ProtoNCELoss`), on the query q_i
+of image i::
 
     L = InfoNCE(q, k, queue) + 1/M sum_m -log exp(q_i . c^m_s / phi^m_s) / sum_{j in {s} u R} exp(q_i . c^m_j / phi^m_j)
 
@@ -29,22 +30,20 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from sslcore_moco import MoCo, MoCoConfig
-from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from sslcore.api.hookspecs import ClusterResult, ContrastiveLoss, Slots
 from sslcore.components.losses import InfoNCEConfig, InfoNCELoss
-from sslcore.components.negatives import positive_key
 from sslcore.toolkit.distributed import broadcast, concat_all_gather, rank, world_size
 
 if TYPE_CHECKING:
-    from sslcore.components.clustering import ClusterResult
     from sslcore.engine.context import MethodContext
 
 
@@ -93,7 +92,28 @@ def sample_negative_prototypes(positive: torch.Tensor, num_prototypes: int, r: i
     return scores.topk(r, dim=1).indices  # N x r
 
 
-class ProtoNCELoss(InfoNCELoss):
+@runtime_checkable
+class PrototypicalLoss(ContrastiveLoss, Protocol):
+    """A contrastive loss with prototypes, PCL's M-step: loss(q, k, negatives, exclude, prototype_logits).
+
+    Called as a contrastive loss (no ``prototype_logits``) it is the instance term alone, as in PCL's warm-up;
+    after an E-step the method adds, for each granularity, the logits of :meth:`prototype_logits`.
+    """
+
+    temperature: float  #: tau of the instance term; the E-step scales the concentrations to mean(phi) = tau
+
+    def prototype_logits(self, q: torch.Tensor, granularities: list[Prototypes],
+                         generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """For each granularity, N x (1 + r) logits of each query against its prototype (column 0) and r
+        negative prototypes."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
+                exclude: torch.Tensor | None = None,
+                prototype_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The contrastive call, plus the prototype term over ``prototype_logits`` when given."""
+
+
+class ProtoNCELoss(InfoNCELoss, PrototypicalLoss):
     """ProtoNCE (PCL, eq. 11): InfoNCE over the instance negatives plus, per granularity, the cross-entropy of
     each query against its prototype and r negative prototypes, each logit divided by that prototype's phi.
 
@@ -152,17 +172,15 @@ class PCL(MoCo):
     assignments: torch.Tensor
     clustered: torch.Tensor
 
-    def __init__(self, config: PCLConfig, *, context: MethodContext, encoder: nn.Module, negatives: nn.Module,
-                 loss: nn.Module, clustering: Any) -> None:
-        if not isinstance(loss, ProtoNCELoss):
-            raise ValueError(f"pcl needs the proto_nce loss (or a subclass of ProtoNCELoss), got "
-                             f"{type(loss).__name__}; set loss: {{name: proto_nce}}")
-        super().__init__(config, context=context, encoder=encoder, negatives=negatives, loss=loss)
+    loss: PrototypicalLoss  # the loss slot needs it (plugin.SLOTS), so validate refuses another loss
+
+    def __init__(self, config: PCLConfig, *, context: MethodContext, slots: Slots) -> None:
+        super().__init__(config, context=context, slots=slots)
+        self.clustering = slots.build("clustering")
         self.warmup_epochs = config.warmup_epochs
         self.grid_prototypes = config.grid_prototypes
-        self.clustering = clustering
-        self.num_clusters = list(clustering.num_clusters)  # K_m of each granularity m
-        self.temperature = loss.temperature
+        self.num_clusters = list(self.clustering.num_clusters)  # K_m of each granularity m
+        self.temperature = self.loss.temperature
         # E-step state; buffers so that checkpoints carry it. assignments[m, i]: image i's prototype at m.
         self.register_buffer("assignments", torch.full((len(self.num_clusters), context.dataset_size), -1))
         for m, k in enumerate(self.num_clusters):
@@ -179,7 +197,7 @@ class PCL(MoCo):
         entry per image (given by sslcore's loop)."""
         q, k = self.queries_and_keys(views)
         negatives, exclude = self.negative_source.negatives(q, k, index)
-        positive = positive_key(self.negative_source, k, index)  # N x D: k, or a memory bank's entries v_i
+        positive = self.negative_source.positive(k, index)  # N x D: k, or a memory bank's entries v_i
         out: dict[str, torch.Tensor] = {}
         proto_logits = []
         if self._use_prototypes and index is not None:
@@ -189,6 +207,7 @@ class PCL(MoCo):
             for kk, logits in zip(self.num_clusters, proto_logits):
                 out[f"acc_proto_{kk}"] = (logits.argmax(dim=1) == 0).float().mean().detach()  # Acc@Proto
         out["loss"] = self.loss(q, positive, negatives, exclude, prototype_logits=proto_logits)
+        out.update(self.loss.metrics())
         self.negative_source.update(k, index)
         return out
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from sslcore.api.hookspecs import Method, PairedLoss, Slots
 from sslcore.toolkit.distributed import concat_all_gather, gather_with_grad, rank
 from sslcore.toolkit.heads import MLPHead
 
@@ -40,9 +41,9 @@ class SimCLRConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    head_hidden_dim: int = Field(
-        2048, ge=1, description="hidden width of the projection head g (the official code uses the encoder's "
-                                "feature width: 2048 for ResNet-50, 512 for ResNet-18)")
+    head_hidden_dim: int | None = Field(
+        None, ge=1, description="hidden width of the projection head g; default: the encoder's feature width, "
+                                "as the official code (2048 for ResNet-50, 512 for ResNet-18)")
     dim: int = Field(128, ge=1, description="D: dimension of the projections z the loss compares")
 
 
@@ -75,7 +76,7 @@ def similarities_to_global_batch(z1: torch.Tensor, z2: torch.Tensor,
         return (z @ candidates.T).masked_fill(itself, float("-inf")), positive  # 2n x 2N
 
 
-class NTXentLoss(nn.Module):
+class NTXentLoss(nn.Module, PairedLoss):
     """NT-Xent over the 2N views of the global batch, a paired loss called ``loss(z1, z2)``; see the module
     docstring. ``z1``, ``z2``: n x D, the projections of the two views of this worker's n images (row a of
     each from the same image); the loss is the mean of l(i, j) over this worker's 2n anchors, against the 2N
@@ -99,24 +100,28 @@ def contrastive_accuracy(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     return (similarity.argmax(dim=1) == positive).float().mean()
 
 
-class SimCLR(nn.Module):
+class SimCLR(nn.Module, Method):
     """SimCLR: the encoder f and the projection head g, Linear-BN-ReLU-Linear-BN; see the module docstring.
 
-    ``forward`` calls the ``loss`` slot as ``loss(z1, z2)`` with the projections of the two views.
+    ``forward`` calls the ``loss`` slot (a :class:`PairedLoss`) as ``loss(z1, z2)`` with the projections of
+    the two views.
     """
 
-    def __init__(self, config: SimCLRConfig, *, context: MethodContext, encoder: nn.Module, loss: nn.Module) -> None:
+    def __init__(self, config: SimCLRConfig, *, context: MethodContext, slots: Slots) -> None:
         super().__init__()
+        encoder = slots.build("encoder")
         self.backbone = encoder  # f
         # g; no bias before a BatchNorm (it would cancel it)
-        self.projector = MLPHead([encoder.feature_dim, config.head_hidden_dim, config.dim], hidden_bias=False,
-                                 output_bias=False, output_norm="bn")
-        self.loss = loss
+        hidden = config.head_hidden_dim or encoder.feature_dim
+        self.projector = MLPHead([encoder.feature_dim, hidden, config.dim], hidden_bias=False, output_bias=False,
+                                 output_norm="bn")
+        self.loss = slots.build("loss")
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x1, x2 = views[0], views[1]  # n x 3 x H x W each: two views of the same n images
         n = x1.shape[0]
         # the 2n views as one batch, as the official code does: every BatchNorm normalises them together
         z = self.projector(self.backbone(torch.cat([x1, x2])))  # 2n x D
         z1, z2 = z[:n], z[n:]  # n x D each
-        return {"loss": self.loss(z1, z2), "contrast_acc": contrastive_accuracy(z1, z2)}
+        loss = self.loss(z1, z2)
+        return {"loss": loss, **self.loss.metrics(), "contrast_acc": contrastive_accuracy(z1, z2)}
