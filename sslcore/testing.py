@@ -175,6 +175,24 @@ def tiny_encoder(feature_dim: int = 8) -> Any:
     return encoder
 
 
+def build_for_training(experiment: dict[str, Any], registry: Any, *, steps_per_epoch: int = 1,
+                       epochs: int | None = None) -> tuple[Any, Any]:
+    """The method and the optimization (optimizer over the recipe's groups, lr scheduler, schedules) that the
+    engine builds for a resolved ``experiment`` on one CPU worker, for tests of recipes; ``epochs``: the
+    experiment's by default, and as many images as ``steps_per_epoch`` batches."""
+    import torch
+
+    from sslcore.engine.build import build_method, build_optimization
+    from sslcore.engine.context import MethodContext
+
+    batch, epochs = experiment["train"]["batch_size"], epochs or experiment["train"]["epochs"]
+    context = MethodContext(world_size=1, rank=0, global_batch_size=batch, steps_per_epoch=steps_per_epoch,
+                            epochs=epochs, device=torch.device("cpu"), dataset_size=batch * steps_per_epoch,
+                            registry=registry)
+    method = build_method(experiment, registry, context)
+    return method, build_optimization(method, experiment, registry, steps_per_epoch, steps_per_epoch * epochs)
+
+
 def built_slots(**components: Any) -> Any:
     """A :class:`sslcore.api.hookspecs.Slots` that hands a method's factory the given, already built
     components (``encoder=tiny_encoder(), loss=...``), for tests that construct a method directly: the test

@@ -16,10 +16,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sslcore.api.hookspecs import Augmentation, Encoder, PairedLoss
 from sslcore.config import load_experiment, resolve
-from sslcore.engine.build import build_method, build_optimization, parameter_groups
 from sslcore.engine.context import MethodContext
 from sslcore.registry import Registry
-from sslcore.testing import built_slots, check_plugin, run_distributed, run_example_briefly, tiny_encoder
+from sslcore.testing import (
+    build_for_training,
+    built_slots,
+    check_plugin,
+    run_distributed,
+    run_example_briefly,
+    tiny_encoder,
+)
 
 GLOBAL_BATCH = 16
 EXAMPLE = Path(__file__).parents[3] / "examples" / "barlowtwins_cifar10.yaml"
@@ -228,11 +234,7 @@ def test_every_parameter_follows_the_official_learning_rates_over_the_whole_sche
     epochs = experiment["train"]["epochs"]
     assert epochs == OFFICIAL_EPOCHS
     total_steps = epochs * steps_per_epoch
-    context = MethodContext(world_size=1, rank=0, global_batch_size=batch, steps_per_epoch=steps_per_epoch,
-                            epochs=epochs, device=torch.device("cpu"), dataset_size=batch * steps_per_epoch,
-                            registry=plugin_registry)
-    method = build_method(experiment, plugin_registry, context)
-    optimization = build_optimization(method, experiment, plugin_registry, steps_per_epoch, total_steps)
+    method, optimization = build_for_training(experiment, plugin_registry, steps_per_epoch=steps_per_epoch)
     optimizer = optimization.optimizer
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     parameters = [p for p in method.parameters() if p.requires_grad]
@@ -260,12 +262,11 @@ def test_the_cifar10_example_gives_biases_and_norms_the_weights_lr(plugin_regist
     config.write_text(EXAMPLE.read_text().replace("~/.cache/sslcore/cifar10", str(tmp_path)))
     experiment = load_experiment(config, registry).as_dict()
     train = experiment["train"]
-    context = MethodContext(world_size=1, rank=0, global_batch_size=256, steps_per_epoch=1, epochs=1,
-                            device=torch.device("cpu"), dataset_size=256, registry=registry)
-    method = build_method(experiment, registry, context)
-    groups = {g["group"]: g for g in parameter_groups(method, "barlowtwins", train, train["optimizer"], 256)}
+    _, optimization = build_for_training(experiment, registry)
+    groups = {g["group"]: g for g in optimization.optimizer.param_groups}  # initial_lr: the peak lr
     assert set(groups) == {"rest", "bias_and_norm"}
-    assert groups["rest"]["lr"] == groups["bias_and_norm"]["lr"] == pytest.approx(0.3)  # solo-learn: 0.3 x 256/256
+    # solo-learn: 0.3 x 256/256
+    assert groups["rest"]["initial_lr"] == groups["bias_and_norm"]["initial_lr"] == pytest.approx(0.3)
     assert (groups["rest"]["weight_decay"], groups["bias_and_norm"]["weight_decay"]) == (1e-4, 0.0)
     assert (groups["rest"]["lars_exclude"], groups["bias_and_norm"]["lars_exclude"]) == (False, True)
     assert train["optimizer"]["trust_coefficient"] == 0.02 and train["optimizer"]["clip_lr"] is True

@@ -19,10 +19,16 @@ from torch.nn.parallel import DistributedDataParallel
 from sslcore.api.hookspecs import Augmentation, Encoder, PairedLoss, Slot
 from sslcore.api.recipe import TrainingStep
 from sslcore.config import resolve
-from sslcore.engine.build import build_method, build_optimization
 from sslcore.engine.context import MethodContext
 from sslcore.registry import Registry
-from sslcore.testing import built_slots, check_plugin, run_distributed, run_example_briefly, tiny_encoder
+from sslcore.testing import (
+    build_for_training,
+    built_slots,
+    check_plugin,
+    run_distributed,
+    run_example_briefly,
+    tiny_encoder,
+)
 
 GLOBAL_BATCH = 16
 
@@ -247,11 +253,8 @@ def test_the_engine_exempts_biases_and_norms_from_weight_decay_and_trust_ratio(r
             "encoder": {"name": "resnet18", "cifar_stem": True},
             "data": {"name": "image_folder", "root": str(tmp_path)}, "train": {"batch_size": batch}}
     experiment = resolve(data, registry).as_dict()
-    context = MethodContext(world_size=1, rank=0, global_batch_size=batch, steps_per_epoch=steps_per_epoch,
-                            epochs=epochs, device=torch.device("cpu"), dataset_size=batch * steps_per_epoch)
-    method = build_method(experiment, registry, context)
+    method, optimization = build_for_training(experiment, registry, steps_per_epoch=steps_per_epoch, epochs=epochs)
     total = steps_per_epoch * epochs
-    optimization = build_optimization(method, experiment, registry, steps_per_epoch, total)
     groups = {group["group"]: group for group in optimization.optimizer.param_groups}
     assert sorted(groups) == ["bias_and_norm", "rest"]
     trainable = [p for p in method.parameters() if p.requires_grad]

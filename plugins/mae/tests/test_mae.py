@@ -19,13 +19,12 @@ from sslcore_mae import MAE, MAEConfig, patchify, random_masking, reconstruction
 from sslcore.api.errors import ConfigError
 from sslcore.api.hookspecs import PatchEncoder, Slot
 from sslcore.config import load_experiment, resolve
-from sslcore.engine.build import build_method, build_optimization
 from sslcore.engine.context import MethodContext
 from sslcore.engine.loop import Trainer, WorkerSpec
 from sslcore.engine.rundir import RunDir
 from sslcore.engine.session import LocalSession
 from sslcore.registry import Registry
-from sslcore.testing import built_slots, check_component, check_plugin, run_example_briefly
+from sslcore.testing import build_for_training, built_slots, check_component, check_plugin, run_example_briefly
 
 torch.set_num_threads(1)
 
@@ -225,11 +224,8 @@ def test_the_example_decays_every_weight_but_no_bias_or_norm_through_the_schedul
         "encoder.depth=1", "method.decoder_depth=1", f"train.batch_size={batch}", f"train.epochs={epochs}",
         f"train.warmup_epochs={warmup}"]).as_dict()
     total = steps_per_epoch * epochs
-    context = MethodContext(world_size=1, rank=0, global_batch_size=batch, steps_per_epoch=steps_per_epoch,
-                            epochs=epochs, device=torch.device("cpu"), dataset_size=batch * steps_per_epoch)
     torch.manual_seed(0)
-    method = build_method(resolved, registry, context)
-    optimization = build_optimization(method, resolved, registry, steps_per_epoch, total)
+    method, optimization = build_for_training(resolved, registry, steps_per_epoch=steps_per_epoch)
     optimizer, scheduler = optimization.optimizer, optimization.scheduler
     assert optimization.grad_clip is None and optimization.weight_decay is None
     decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}

@@ -17,10 +17,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sslcore.api.hookspecs import Augmentation, Encoder, PairedLoss, Slot
 from sslcore.config import resolve
-from sslcore.engine.build import build_method, build_optimization
 from sslcore.engine.context import MethodContext
 from sslcore.registry import Registry
-from sslcore.testing import built_slots, check_plugin, run_distributed, run_example_briefly, tiny_encoder
+from sslcore.testing import (
+    build_for_training,
+    built_slots,
+    check_plugin,
+    run_distributed,
+    run_example_briefly,
+    tiny_encoder,
+)
 
 GLOBAL_BATCH = 16
 
@@ -200,11 +206,8 @@ def test_the_predictor_keeps_its_lr_while_the_rest_follows_the_cosine(registry: 
             "encoder": {"name": "resnet18", "cifar_stem": True},
             "data": {"name": "image_folder", "root": str(tmp_path)}, "train": {"batch_size": batch}}
     experiment = resolve(data, registry).as_dict()
-    context = MethodContext(world_size=1, rank=0, global_batch_size=batch, steps_per_epoch=steps_per_epoch,
-                            epochs=epochs, device=torch.device("cpu"), dataset_size=batch * steps_per_epoch)
-    method = build_method(experiment, registry, context)
+    method, optimization = build_for_training(experiment, registry, steps_per_epoch=steps_per_epoch, epochs=epochs)
     total = steps_per_epoch * epochs
-    optimization = build_optimization(method, experiment, registry, steps_per_epoch, total)
     groups = {group["group"]: group for group in optimization.optimizer.param_groups}
     assert sorted(groups) == ["predictor", "rest"]
     predictor = {id(p) for p in method.predictor.parameters()}

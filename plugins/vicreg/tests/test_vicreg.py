@@ -15,10 +15,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sslcore.api.hookspecs import Augmentation, Encoder, PairedLoss
 from sslcore.config import load_experiment, resolve
-from sslcore.engine.build import build_method, parameter_groups
 from sslcore.engine.context import MethodContext
 from sslcore.registry import Registry
-from sslcore.testing import built_slots, check_plugin, run_distributed, run_example_briefly, tiny_encoder
+from sslcore.testing import (
+    build_for_training,
+    built_slots,
+    check_plugin,
+    run_distributed,
+    run_example_briefly,
+    tiny_encoder,
+)
 
 GLOBAL_BATCH = 16
 EXAMPLE = Path(__file__).parents[3] / "examples" / "vicreg_cifar10.yaml"
@@ -218,11 +224,9 @@ def test_the_cifar10_example_is_solo_learns_recipe(registry: Registry, tmp_path:
     config.write_text(EXAMPLE.read_text().replace("~/.cache/sslcore/cifar10", str(tmp_path)))
     experiment = load_experiment(config, registry).as_dict()
     train = experiment["train"]
-    context = MethodContext(world_size=1, rank=0, global_batch_size=256, steps_per_epoch=1, epochs=1,
-                            device=torch.device("cpu"), dataset_size=256, registry=registry)
-    method = build_method(experiment, registry, context)
-    groups = {g["group"]: g for g in parameter_groups(method, "vicreg", train, train["optimizer"], 256)}
-    assert groups["rest"]["lr"] == groups["bias_and_norm"]["lr"] == pytest.approx(0.3)  # 0.3 x 256/256
+    _, optimization = build_for_training(experiment, registry)
+    groups = {g["group"]: g for g in optimization.optimizer.param_groups}  # initial_lr: the peak lr
+    assert groups["rest"]["initial_lr"] == groups["bias_and_norm"]["initial_lr"] == pytest.approx(0.3)  # 0.3 x 256/256
     assert (groups["rest"]["weight_decay"], groups["bias_and_norm"]["weight_decay"]) == (1e-4, 0.0)
     assert (groups["rest"]["lars_exclude"], groups["bias_and_norm"]["lars_exclude"]) == (False, True)
     assert train["optimizer"]["trust_coefficient"] == 0.02 and train["optimizer"]["clip_lr"] is True
