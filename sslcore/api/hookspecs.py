@@ -386,10 +386,12 @@ def register_methods(register: RegisterMethod) -> None:
     ``factory(config, *, context: MethodContext, slots: Slots) -> Method``; ``context``
     (``sslcore.engine.context``) has the world size, rank, global batch size, steps per epoch, epochs, device,
     dataset size (for per-image state), the run folder and an eval context (the training data under the eval
-    transform, for an E-step). A block given for a slot the method does not declare is a config error. ``recipe`` is the method's default ``train`` block
-    (:class:`sslcore.api.recipe.TrainConfig`): optimizer and base lr, ``lr_scaling``, warmup, schedule and
-    ``final_lr``, epochs, batch size, ``grad_clip``, and ``param_groups``, which names every group the method's
-    ``parameter_groups()`` returns (``{}`` for default settings) and may set ``bias_and_norm``.
+    transform, for an E-step). A block given for a slot the method does not declare is a config error.
+
+    ``recipe`` is the method's default ``train`` block (:class:`sslcore.api.recipe.TrainConfig`): optimizer
+    and base lr, ``lr_scaling``, warmup, schedule and ``final_lr``, epochs, batch size, ``grad_clip``, and
+    ``param_groups``, which names every group the method's ``parameter_groups()`` returns (``{}`` for
+    default settings) and may set ``bias_and_norm``.
     """
 
 
