@@ -313,8 +313,8 @@ def merge_recipe(recipe: dict[str, Any], given: dict[str, Any] | None) -> dict[s
     (``optimizer`` too, unless it names another optimizer; each of ``param_groups`` key by key)."""
     out = copy.deepcopy(recipe)
     for key, value in (given or {}).items():
-        if key == "optimizer" and "optimizer" in out:
-            out[key] = _merge_default(out[key], _as_block(value))
+        if key == "optimizer":  # onto the recipe's optimizer, else onto the default, SGD
+            out[key] = _merge_default(out.get(key, {"name": "sgd"}), _as_block(value))
         elif key == "param_groups" and isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = {**out[key], **{group: ({**out[key].get(group, {}), **settings}
                                                if isinstance(settings, dict) else settings)

@@ -214,3 +214,14 @@ def test_local_backend_runs_one_worker(tmp_path: Path, registry: Registry) -> No
     (line,) = errors_of(path, registry)
     assert line == (f"{path}:10: scaling.num_workers: the local backend runs one worker, not 2; "
                     "use backend: ray for more")
+
+
+def test_train_overrides_merge_onto_the_recipe_key_by_key(tmp_path: Path, registry: Registry) -> None:
+    """MoCo's recipe under the file's train block: a key changes, the rest stays the method's; an optimizer of
+    another name replaces the method's."""
+    path = write(tmp_path, "method: moco\ndata: {name: image_folder, root: /x}\n")
+    train = load_experiment(path, registry, ["train.optimizer.lr=0.05", "train.warmup_epochs=5"]).as_dict()["train"]
+    assert train["optimizer"] == {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False}
+    assert (train["warmup_epochs"], train["epochs"], train["lr_scaling"]) == (5, 200, "linear")
+    train = load_experiment(path, registry, ["train.optimizer={name: lars, lr: 0.3}"]).as_dict()["train"]
+    assert train["optimizer"]["name"] == "lars" and train["optimizer"]["weight_decay"] == 1e-6  # LARS' default

@@ -128,8 +128,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     registry = _registry(args)
     resolved = _load(args, registry)
-    check_data(resolved, registry)
-    method = dry_build(resolved, registry)
+    method = dry_build(resolved, registry, dataset_size=check_data(resolved, registry))
     if args.resolved:
         print(_resolved_yaml(resolved, method))
         return 0

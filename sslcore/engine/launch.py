@@ -49,14 +49,15 @@ def dry_build(resolved: Resolved, registry: Registry, dataset_size: int | None =
     return method
 
 
-def check_data(resolved: Resolved, registry: Registry) -> None:
+def check_data(resolved: Resolved, registry: Registry) -> int:
     """Open the training and evaluation datasets once here (a folder scan), so a wrong path fails before Ray
-    starts. Skipped for a remote cluster (``--address``), whose workers may see other files than this machine."""
-    blocks = [resolved.blocks["data"]]
+    starts; returns the number of training images. Skipped for a remote cluster (``--address``), whose workers
+    may see other files than this machine."""
+    size = len(registry.build("dataset", resolved.blocks["data"]))
     for evaluator in resolved.evaluators:
-        blocks += [v for v in evaluator.values() if isinstance(v, dict) and "name" in v]
-    for block in blocks:
-        registry.build("dataset", block)
+        for block in [v for v in evaluator.values() if isinstance(v, dict) and "name" in v]:
+            registry.build("dataset", block)
+    return size
 
 
 def prepare_run_dir(resolved: Resolved, resume: Path | None) -> RunDir:
