@@ -349,8 +349,12 @@ def _method_declarations(name: str, method: dict[str, Any]) -> tuple[dict[str, S
 
 
 def _one_line(exc: BaseException) -> str:
+    """``Type: message (file:line)``, the line where it was raised; the frame that caught it and the import
+    machinery's frames are left out (a module that is not there has no line to show)."""
     text = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
-    frames = traceback.extract_tb(exc.__traceback__)
+    machinery = os.path.dirname(importlib.__file__)
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)[1:]
+              if not frame.filename.startswith("<frozen") and os.path.dirname(frame.filename) != machinery]
     if frames:
         last = frames[-1]
         text += f" ({os.path.basename(last.filename)}:{last.lineno})"

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from sslcore.api.errors import UserError
-from sslcore.config import apply_overrides, resolve, resolve_block
+from sslcore.config import apply_overrides, load_yaml, resolve, resolve_block
 from sslcore.engine.context import EvalContext
 from sslcore.engine.launch import dry_build
 from sslcore.engine.loop import AUTOCAST_DTYPES, resolve_precision, seed_everything
@@ -39,7 +38,8 @@ logger = logging.getLogger(__name__)
 def _config_and_weights(target: Path, config: Path | None) -> tuple[Path, Path | None]:
     """The experiment file and weights file of ``target`` (weights None: a run without checkpoints)."""
     if config is not None and not config.is_file():
-        raise UserError(f"sslcore eval --config {config}: no such file")
+        raise UserError(f"sslcore eval --config {config}: no such file" if not config.exists() else
+                        f"sslcore eval --config {config}: not a file; give the experiment YAML of the weights")
     if target.is_dir():
         run = RunDir(target)
         weights = run.latest_checkpoint() or (run.backbone_file if run.backbone_file.is_file() else None)
@@ -59,9 +59,11 @@ def _config_and_weights(target: Path, config: Path | None) -> tuple[Path, Path |
 
 def _read_weights(weights: Path) -> dict[str, Any]:
     """A backbone ``state_dict`` or an sslcore checkpoint (a dict with its ``model``)."""
-    state = load_torch_file(weights)
+    fix = "give a backbone.pt (sslcore export, or the end of training) or a checkpoint's state.pt"
+    state = load_torch_file(weights, "{path}: {reason}; " + fix)
     if not isinstance(state, dict):
-        raise UserError(f"{weights}: expected a state_dict or an sslcore checkpoint, got {type(state).__name__}")
+        raise UserError(f"{weights}: holds a {type(state).__name__}, not a state_dict or an sslcore checkpoint; "
+                        f"{fix}")
     return state
 
 
@@ -81,18 +83,25 @@ def _load_weights(backbone: torch.nn.Module, method: torch.nn.Module, weights: P
 
 
 def _evaluator_blocks(run_blocks: list[dict[str, Any]], names: list[str], overrides: list[str],
-                      registry: Registry) -> list[dict[str, Any]]:
+                      registry: Registry, source: Path) -> list[dict[str, Any]]:
+    """The block of each evaluator of ``names``: the run's own, else its defaults with the run's test data
+    (``source``: the experiment file), then ``overrides``."""
     test_data = next((b["data"] for b in run_blocks if isinstance(b.get("data"), dict)), None)
     blocks = []
     for name in names:
         block = copy.deepcopy(next((b for b in run_blocks if b["name"] == name), {"name": name}))
+        needs_data = False
         if name in registry.components["evaluator"]:
-            fields = registry.get("evaluator", name).config.model_fields
-            if "data" in fields and "data" not in block and test_data is not None:
+            field = registry.get("evaluator", name).config.model_fields.get("data")
+            needs_data = field is not None and field.is_required() and "data" not in block
+            if needs_data and test_data is not None:
                 block["data"] = copy.deepcopy(test_data)
         params = {k: v for k, v in block.items() if k != "name"}
         mine = [override for o in overrides if (override := _override_for(o, name, names)) is not None]
         apply_overrides(params, mine, {})
+        if needs_data and test_data is None and not (isinstance(params.get("data"), dict) and "name" in params["data"]):
+            raise UserError(f"{source}: the run has no evaluator to take the test data of {name} from; give it "
+                            "with --set data.name=image_folder --set data.root=TEST_FOLDER")
         blocks.append(resolve_block(registry, "evaluator", {"name": name, **params},
                                     source=f"sslcore eval --evaluator {name}"))
     return blocks
@@ -107,17 +116,32 @@ def _override_for(override: str, name: str, names: list[str]) -> str | None:
     return override
 
 
+def _device(name: str | None) -> torch.device:
+    """The ``--device`` to evaluate on (default: cuda when there is one), checked before anything is built."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"sslcore eval --device {name}: not a device torch knows; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"sslcore eval --device {name}: this machine has no CUDA device; use --device cpu")
+    return device
+
+
 def evaluate_target(target: Path, names: list[str], registry: Registry, overrides: list[str] | None = None,
                     config: Path | None = None, random_init: bool = False, output: Path | None = None,
                     device: str | None = None) -> dict[str, dict[str, float]]:
     """Run the evaluators ``names`` on ``target``; returns ``{key: metrics}`` (key ``NAME`` or
     ``NAME@random_init``) and merges the same into ``output/evaluations.json``."""
     config_file, weights = _config_and_weights(target, config)
-    resolved = resolve(yaml.safe_load(config_file.read_text()), registry, source=str(config_file))
+    run_device = _device(device)
+    data, lines = load_yaml(config_file)
+    resolved = resolve(data, registry, source=str(config_file), lines=lines)
     if weights is None and not random_init:
         raise UserError(f"{target}: no checkpoint or backbone.pt yet; train at least checkpoint.every_epochs "
                         "epochs, or pass --random-init")
-    blocks = _evaluator_blocks(resolved.evaluators, names, overrides or [], registry)
+    blocks = _evaluator_blocks(resolved.evaluators, names, overrides or [], registry, config_file)
     experiment = resolved.as_dict()
     state = None if random_init else _read_weights(weights)
     seed_everything(experiment["seed"])
@@ -125,7 +149,6 @@ def evaluate_target(target: Path, names: list[str], registry: Registry, override
     method = dry_build(resolved, registry, dataset_size=(state or {}).get("dataset_size"))
     backbone = method.backbone
     epoch = -1 if state is None else _load_weights(backbone, method, weights, state)
-    run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train = experiment["train"]
     channels_last = train["channels_last"]
     backbone = backbone.to(run_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -133,7 +156,11 @@ def evaluate_target(target: Path, names: list[str], registry: Registry, override
     augmentation = registry.build("augmentation", experiment["augmentation"])
     loader_workers = train["loader_workers"]
     out_dir = output or (target if target.is_dir() else target.parent)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"sslcore eval -o {out_dir}: cannot make the output folder ({exc.strerror or exc}); "
+                        "give a folder for evaluations.json") from None
     record = RunDir(out_dir)
     context = EvalContext(
         registry=registry, eval_transform=augmentation.eval, train_data=experiment["data"], device=run_device,

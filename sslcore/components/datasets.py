@@ -5,6 +5,7 @@ Items are ``(image, label)``: ``image`` an H x W x 3 uint8 RGB array, ``label`` 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 
@@ -18,6 +19,7 @@ from sslcore.api.hookspecs import RegisterDataset
 from sslcore.toolkit.images import load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+logger = logging.getLogger(__name__)
 
 
 class ImageFiles(Dataset):
@@ -80,6 +82,23 @@ def _class_files(root: str, classes: list[str], extensions: tuple[str, ...],
     return paths, labels
 
 
+def _folder_files(root: str, labeled: bool, extensions: tuple[str, ...],
+                  max_per_class: int | None) -> tuple[list[str], list[str], list[int]]:
+    """The classes (the sorted class folders; none when unlabeled), image paths and labels of ``root``."""
+    with os.scandir(root) as entries:
+        top = [e for e in entries if not e.name.startswith(".")]
+    class_names = sorted(e.name for e in top if e.is_dir())
+    loose = sorted(e.name for e in top if not e.is_dir() and e.name.lower().endswith(extensions))
+    if labeled and class_names and loose:
+        raise UserError(f"image_folder: '{root}' holds both class subfolders and {len(loose)} images "
+                        f"outside them (e.g. '{loose[0]}') (data.root): move those images into a class "
+                        "folder, or set labeled: false to read every image unlabeled")
+    if labeled and class_names:
+        return class_names, *_class_files(root, class_names, extensions, max_per_class)
+    paths = _scan(root, extensions)[:max_per_class]
+    return [], paths, [-1] * len(paths)
+
+
 class ImageFolderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -112,23 +131,19 @@ class ImageFolderDataset(ImageFiles):
         hint = f"point root at a folder of {layout}{'/'.join(extensions)} images"
         if not os.path.isdir(root):
             raise UserError(f"image_folder: no folder '{root}' (data.root): {hint}")
-        with os.scandir(root) as entries:
-            top = [e for e in entries if not e.name.startswith(".")]
-        class_names = sorted(e.name for e in top if e.is_dir())
-        loose = sorted(e.name for e in top if not e.is_dir() and e.name.lower().endswith(extensions))
-        if config.labeled and class_names and loose:
-            raise UserError(f"image_folder: '{root}' holds both class subfolders and {len(loose)} images "
-                            f"outside them (e.g. '{loose[0]}') (data.root): move those images into a class "
-                            "folder, or set labeled: false to read every image unlabeled")
-        if config.labeled and class_names:
-            classes = class_names
-            paths, labels = _class_files(root, classes, extensions, config.max_per_class)
-        else:
-            classes = []
-            paths = _scan(root, extensions)[:config.max_per_class]
-            labels = [-1] * len(paths)
+        try:
+            classes, paths, labels = _folder_files(root, config.labeled, extensions, config.max_per_class)
+        except OSError as exc:  # a folder that cannot be listed (permissions, a broken mount)
+            raise UserError(f"image_folder: cannot read the folder '{exc.filename}' under '{root}' (data.root): "
+                            f"{exc.strerror or exc}; make it readable or move it out of root") from None
         if not paths:
             raise UserError(f"image_folder: no images found under '{root}' (data.root): {hint}")
+        filled = set(labels)
+        empty = [name for label, name in enumerate(classes) if label not in filled]
+        if empty:
+            logger.warning("image_folder: %d class folder(s) under '%s' (data.root) hold no %s images: %s; they "
+                           "still count as classes (labels 0..%d); remove them or add images",
+                           len(empty), root, "/".join(extensions), ", ".join(empty), len(classes) - 1)
         super().__init__(root, paths, labels, classes)
 
 
@@ -152,6 +167,9 @@ class FileListDataset(ImageFiles):
         except OSError as exc:
             raise UserError(f"file_list: cannot read the image list '{list_path}' (data.path): "
                             f"{exc.strerror or exc}; point path at a text file of image paths") from None
+        except UnicodeDecodeError as exc:
+            raise UserError(f"file_list: the image list '{list_path}' is not UTF-8 text (byte {exc.start}) "
+                            "(data.path): point path at a text file of image paths, saved as UTF-8") from None
         paths = [line for line in lines if line and not line.startswith("#")]
         if not paths:
             raise UserError(f"file_list: the image list '{list_path}' names no image (data.path): "
