@@ -39,6 +39,10 @@ class ScalingSection(_Model):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0, description="Default: the machine's CPUs / workers.")
+    max_failures: int = Field(
+        3, ge=-1, description="Ray backend: how many times a failed worker group (a lost process or machine) is "
+                              "restarted from the last checkpoint before the run fails; -1: always. User errors "
+                              "(a NaN loss, bad data) are never retried.")
 
 
 class AimSection(_Model):
@@ -52,7 +56,10 @@ class TrackingSection(_Model):
 
 
 class CheckpointSection(_Model):
-    every_epochs: int = Field(1, ge=1)
+    every_epochs: int = Field(1, ge=1, description="A checkpoint at the end of every N-th epoch (and the last).")
+    every_steps: int | None = Field(None, ge=1, description="Also one every N optimizer steps, inside epochs.")
+    every_minutes: float | None = Field(
+        None, gt=0, description="Also one when this many minutes have passed since the last one (at a step).")
     keep: int = Field(2, ge=1, description="How many checkpoints to keep.")
 
 
@@ -117,41 +124,81 @@ def located_error(source: str, lines: dict[Loc, int], loc: Loc, message: str) ->
 # -- YAML with line numbers ----------------------------------------------------------------------------
 
 def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[Loc, int]]:
-    """Parse ``path`` with ``yaml.safe_load`` semantics; also return the line of every key path."""
+    """Parse ``path`` with ``yaml.safe_load`` semantics; also return the line of every key path.
+
+    Refused, each as one line naming the file: a file that cannot be read or is not UTF-8 text (a binary, a
+    UTF-16 or latin-1 file), invalid YAML, a top level that is not a mapping, and a key given twice in one
+    mapping (YAML would keep the last one silently; merge keys ``<<:`` stay allowed).
+    """
     path = Path(path)
+    fix = "give the path of an experiment YAML file"
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not an experiment file; {fix}") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the experiment file: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read the experiment file ({exc.strerror or exc}); {fix}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                          f"an experiment file is YAML saved as UTF-8: re-save it as UTF-8, or {fix}") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:  # a control character: a binary file, or UTF-16 read as UTF-8
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(f"{path}:{line}: invalid YAML: unacceptable character #x{exc.character:04x} "
+                          f"({exc.reason}); an experiment file is YAML saved as UTF-8: {fix}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+        raise ConfigError(f"{where}: invalid YAML: {' '.join(problem.split())}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}:1: the experiment file must be a mapping of keys (method:, data:, ...)")
+        raise ConfigError(f"{path}:1: the experiment file must be a mapping of keys (method:, data:, ...), "
+                          f"not a {type(data).__name__}")
     lines: dict[Loc, int] = {}
-    _record_lines(node, (), lines)
+    duplicates: list[str] = []
+    _record_lines(node, (), lines, duplicates, set())
+    if duplicates:
+        raise ConfigError(*(f"{path}:{duplicate}" for duplicate in duplicates))
     return data, lines
 
 
-def _record_lines(node: yaml.Node | None, loc: Loc, lines: dict[Loc, int]) -> None:
+def _record_lines(node: yaml.Node | None, loc: Loc, lines: dict[Loc, int], duplicates: list[str],
+                  visited: set[int]) -> None:
+    """Record the line of every key path under ``node``; a scalar key given twice in one mapping goes to
+    ``duplicates`` as ``LINE: key.path: duplicate key (first at line N); keep one``.
+
+    A node reached again through an alias (``*name``) is not walked again: keys under an alias take the
+    alias's line, and a recursive alias (``&a [*a]``) or a chain of aliases stays one pass over the file.
+    """
     if node is None:
         return
     lines.setdefault(loc, node.start_mark.line + 1)
+    if id(node) in visited:
+        return
+    visited.add(id(node))
     if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, Any], int] = {}  # (tag, text) of each key -> its line
         for key, value in node.value:
             child = (*loc, key.value)
-            lines[child] = key.start_mark.line + 1
-            _record_lines(value, child, lines)
+            line = key.start_mark.line + 1
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in first:
+                    duplicates.append(f"{line}: {_dotted(child)}: duplicate key (first at line "
+                                      f"{first[key.tag, key.value]}); keep one")
+                    continue
+                first[key.tag, key.value] = line
+            lines[child] = line
+            _record_lines(value, child, lines, duplicates, visited)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _record_lines(item, (*loc, i), lines)
+            _record_lines(item, (*loc, i), lines, duplicates, visited)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], lines: dict[Loc, int]) -> None:
