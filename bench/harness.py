@@ -61,7 +61,7 @@ def make_trainer(data: dict[str, Any]):
     run = RunDir(run_dir / data["name"])
     run.path.mkdir(parents=True, exist_ok=True)
     spec = WorkerSpec(experiment=resolved.as_dict(), run_dir=str(run.path), source="bench")
-    trainer = Trainer(spec, LocalSession(run, keep=1, use_gpu=False))
+    trainer = Trainer(spec, LocalSession(use_gpu=False))
     trainer.setup()
     return trainer
 

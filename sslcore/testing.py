@@ -112,14 +112,12 @@ def _distributed_entry(rank: int, fn: Any, args: tuple[Any, ...], world_size: in
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world_size)
-    try:
-        result = fn(rank, world_size, *args)
-        torch.save(result, Path(tmp) / f"rank{rank}.pt")
-        dist.barrier()  # no worker tears the group down while another still talks to it
-    finally:
-        dist.destroy_process_group()
-    # Skip the interpreter's teardown: gloo's threads, destroyed there, abort a loaded machine's process now and
-    # then ("terminate called without an active exception", SIGABRT) after its work is done and saved.
+    result = fn(rank, world_size, *args)
+    torch.save(result, Path(tmp) / f"rank{rank}.pt")
+    dist.barrier()  # every rank's result is saved and no rank talks to the group any more
+    # Exit without tearing the group down: gloo's threads, destroyed by destroy_process_group or the
+    # interpreter's teardown, abort a loaded machine's process now and then ("terminate called without an
+    # active exception", SIGABRT) after its work is done and saved. The OS closes the sockets.
     os._exit(0)
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from sslcore.api.errors import TrainingError, UnreadableImage, UserError
-from sslcore.engine.data import EvalDataset, MultiViewDataset, seed_worker
+from sslcore.engine.data import EpochSampler, EvalDataset, MultiViewDataset, seed_worker
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -217,16 +217,36 @@ def test_seed_worker_makes_augmented_batches_reproducible(folder, cifar10_subset
     assert not all(torch.equal(a[0][0], b[0][0]) for a, b in zip(run, batches(1), strict=True))
 
 
-def test_seed_worker_reseeds_the_augmentation(folder, cifar10_subset):
-    """Without a shuffle the order is fixed, so the views differ only through seed_worker's seed."""
+def test_an_items_views_depend_only_on_the_epoch_seed_and_its_index(folder, cifar10_subset):
+    """Views are the same whatever the loader workers, the order and the items read before (so an epoch
+    resumed at a batch repeats the rest of it), and change with the epoch's seed."""
     dataset = MultiViewDataset(folder(cifar10_subset["test"], max_per_class=1), CropViews())
+    dataset.set_seed(7)
+    direct = [torch.cat(dataset[i][0]) for i in reversed(range(len(dataset)))][::-1]
 
-    def views(seed: int) -> torch.Tensor:
-        loader = DataLoader(dataset, batch_size=5, num_workers=2, worker_init_fn=seed_worker,
-                            generator=torch.Generator().manual_seed(seed))
-        return torch.cat([torch.cat(batch_views) for batch_views, _, _ in loader])
+    def loaded(workers: int) -> list[torch.Tensor]:
+        loader = DataLoader(dataset, batch_size=5, num_workers=workers, worker_init_fn=seed_worker,
+                            generator=torch.Generator().manual_seed(workers))
+        return [torch.cat([v[j] for v in batch_views]) for batch_views, _, _ in loader for j in range(5)]
 
-    assert not torch.equal(views(0), views(1))
+    for views in (loaded(0), loaded(2)):
+        assert all(torch.equal(a, b) for a, b in zip(views, direct, strict=True))
+    dataset.set_seed(8)
+    assert not torch.equal(torch.cat(dataset[3][0]), direct[3])
+
+
+def test_epoch_sampler_shards_an_epoch_and_starts_at_any_batch():
+    def shard(rank: int, epoch: int, start: int = 0, world_size: int = 2) -> list[int]:
+        sampler = EpochSampler(103, seed=5, rank=rank, world_size=world_size, batch_size=4)
+        sampler.set_epoch(epoch, start)
+        assert len(sampler) == len(list(sampler))
+        return list(sampler)
+
+    first, second = shard(0, epoch=0), shard(1, epoch=0)
+    assert len(first) == len(second) == 51 and not set(first) & set(second)  # the tail of 1 dropped
+    assert sorted(shard(0, 0, world_size=1)) == list(range(103))
+    assert shard(0, epoch=0) == first and shard(0, epoch=1) != first
+    assert shard(0, epoch=0, start=3) == first[12:]  # batches 0..2 of 4 images skipped, none read
 
 
 def test_datasets_wrappers_and_errors_pickle(folder, cifar10_subset):

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sslcore.engine.rundir import RunDir
+
 CLI = [sys.executable, "-m", "sslcore"]
 
 
@@ -86,19 +88,21 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run(tmp_path: Path, cifa
     process = subprocess.Popen([*CLI, "run", str(crashed)], env=env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 240
-    while not (run_dir / "checkpoint_000000" / "state.pt").exists():
+    while not RunDir(run_dir).checkpoints():
         assert process.poll() is None, process.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # dies during epoch 2, as a crash or a lost machine would
     process.wait()
-    assert not (run_dir / "checkpoint_000001").exists(), "epoch 2 finished before the kill; the test is void"
+    assert len(RunDir(run_dir).checkpoints()) == 1, "epoch 2 finished before the kill; the test is void"
 
     out = run("run", "--resume", str(run_dir))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming" in out.stdout
-    resumed = train_records(run_dir, epoch=1)[-5:]
+    resumed = train_records(run_dir, epoch=1)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in expected]  # same data, state and optimizer
+    # the steps logged between the checkpoint and the kill were cut from metrics.jsonl: each step is there once
+    assert [r["step"] for r in train_records(run_dir, 0) + resumed] == list(range(1, 11))
     assert [r["lr"] for r in resumed] == [r["lr"] for r in expected]
     if method == "byol":
         taus = [r["tau"] for r in resumed]
@@ -119,7 +123,8 @@ def test_run_refuses_to_overwrite_and_export_loads_into_plain_torchvision(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert 0.0 <= summary["final"]["knn_top1"] <= 1.0
     assert summary["final"]["knn_top1@1"] == 1.0  # k=1 with the test set as memory: each image finds itself
-    assert {"config.yaml", "metrics.jsonl", "backbone.pt", "checkpoint_000000"} <= {p.name for p in run_dir.iterdir()}
+    files = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "backbone.pt", "checkpoint_000000002"} <= files
 
     again = run("run", str(path))
     assert again.returncode == 2
@@ -299,29 +304,43 @@ def test_address_joins_an_existing_ray_cluster(tmp_path: Path, cifar10_subset: d
 
 
 @pytest.mark.ray
-def test_resume_through_ray_continues_from_ray_checkpoints(tmp_path: Path, cifar10_subset: dict) -> None:
+def test_resume_through_ray_continues_from_the_run_folders_checkpoints(tmp_path: Path, cifar10_subset: dict) -> None:
+    """Nothing of Ray Train's is needed to resume: its bookkeeping lives only while a launch runs."""
     path = experiment(tmp_path, cifar10_subset, scaling={"backend": "ray", "num_workers": 1}, evaluators=[],
                       train={"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 3, "log_every_steps": 1})
     out = run("run", str(path))
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     run_dir = tmp_path / "runs" / "unit"
+    assert not (run_dir / ".ray").exists() and not list(run_dir.rglob("checkpoint_manager_snapshot.json"))
     out = run("run", "--resume", str(run_dir), "--set", "train.epochs=2")
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
-    assert f"resuming {run_dir} at epoch 2" in out.stdout
+    assert f"resuming {run_dir} at epoch 2 (step 3)" in out.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in records] == [(0, 1), (0, 2), (0, 3), (1, 4), (1, 5), (1, 6)]
-    assert len(list(run_dir.glob("checkpoint_*/state.pt"))) == 2
+    assert [p.parent.name for p in RunDir(run_dir).checkpoints()] == ["checkpoint_000000003", "checkpoint_000000006"]
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path, cifar10_subset: dict) -> None:
+def test_a_run_whose_every_checkpoint_is_damaged_is_one_line_and_left_as_it_was(tmp_path: Path,
+                                                                               cifar10_subset: dict) -> None:
     path = experiment(tmp_path, cifar10_subset, evaluators=[],
                       train={"epochs": 2, "batch_size": 16, "max_steps_per_epoch": 1})
     out = run("run", str(path), "--set", "train.epochs=1")
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "runs" / "unit"
-    state = run_dir / "checkpoint_000000" / "state.pt"
+    (state,) = RunDir(run_dir).checkpoints()
     state.write_bytes(state.read_bytes()[:1000])  # a checkpoint cut short, as by a full disk
+    before = folder_contents(run_dir)
     out = run("run", "--resume", str(run_dir), "--set", "train.epochs=2")
     assert out.returncode == 2
     (line,) = [x for x in out.stderr.splitlines() if x.startswith("error:")]
-    assert f"checkpoint {state} cannot be read" in line and f"delete {state.parent}" in line
+    assert f"checkpoint {state} is damaged" in line and "cannot be resumed" in line
+    assert "Traceback" not in out.stderr
+    assert folder_contents(run_dir) == before
+
+
+def folder_contents(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (hidden ones too) by its relative path, with its content's digest."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -75,7 +75,9 @@ class Augmentation(Protocol):
         return ``self.eval(image)`` where a recipe has none."""
 
     def set_seed(self, seed: int) -> None:
-        """Reseed the random generator (per DataLoader worker and per epoch: runs and resumes repeat)."""
+        """Reseed the random generators: the same seed, then the same image, gives the same views. The engine
+        calls it before every training image (with a seed from the run's seed, the epoch and the image's
+        index, so that views repeat across runs, loader workers and resumes inside an epoch): keep it cheap."""
 
 
 @hookspec
@@ -333,7 +335,9 @@ class Method(Protocol):
     Subclass it (``class MoCo(nn.Module, Method)``) to get the no-op defaults of the optional parts.
     The engine calls, for each batch: ``forward`` (through DDP with several workers), backward, gradient
     clipping, ``before_optimizer_step``, the optimizer step, ``after_optimizer_step``. State that must
-    survive a resume lives in buffers or submodules, so ``state_dict()`` holds it.
+    survive a resume lives in buffers or submodules, so ``state_dict()`` holds it: a checkpoint may be taken
+    between any two steps, and a run resumed inside an epoch does not call ``on_epoch_start`` again (derive
+    plain attributes from buffers in a ``load_state_dict`` post-hook, as PCL does).
     """
 
     backbone: nn.Module  #: the encoder that evaluators use and ``sslcore export`` writes

@@ -1,7 +1,11 @@
 """The ``sslcore`` command: run | validate | plugins | schema | export | eval | report.
 
 User errors (a bad experiment file, an unknown component, unreadable data, a NaN loss) print one line each
-and exit with code 2, without a traceback.
+and exit with code 2, without a traceback, on the Ray backend as in-process.
+
+Exit codes of ``sslcore run``: 0 trained; 2 a user error; 75 stopped by SIGTERM after writing a checkpoint
+(preemption: ``--resume`` continues exactly); 130 stopped by Ctrl-C / SIGINT (the checkpoints written before
+are kept).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ if TYPE_CHECKING:  # imported lazily at run time, to keep --help fast
     from sslcore.registry import Registry
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a value of the file (repeatable), e.g. --set train.epochs=10")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     run.add_argument("--address", help="join this Ray cluster (default: start a local one)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="also show Ray Train's own log lines (always kept in the run's ray.log)")
 
     validate = commands.add_parser("validate", parents=[common], help="check an experiment file")
     validate.add_argument("file", type=Path)
@@ -88,14 +95,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted: checkpoints written so far are kept; continue with --resume", file=sys.stderr)
-        return 130
+        print("interrupted: the checkpoints written before are kept; continue with sslcore run --resume RUN_DIR",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _registry(args: argparse.Namespace) -> Registry:
+    """The registry with the ``-p`` modules: one that cannot be loaded is an error (the user named it, as in
+    ``plugins:``), a broken installed plugin a warning (the command may not need it)."""
+    from sslcore.api.errors import PluginError
     from sslcore.registry import Registry
 
     registry = Registry(modules=args.plugin)
+    named = [p for p in registry.plugins if p.error and p.module in args.plugin]
+    if named:
+        raise PluginError(*(f"-p {p.module}: cannot load it as a plugin ({p.error}); check the module name and "
+                            "that its package is installed in this environment" for p in named))
     for line in registry.errors:
         print(f"warning: {line}", file=sys.stderr)
     return registry
@@ -108,7 +123,7 @@ def _load(args: argparse.Namespace, registry: Registry) -> Resolved:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sslcore.engine.launch import launch
+    from sslcore.engine.launch import EXIT_PREEMPTED, launch
     from sslcore.engine.rundir import RunDir
 
     if args.file is None:
@@ -118,7 +133,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     registry = _registry(args)
     resolved = _load(args, registry)
     metrics = launch(resolved, registry, args.plugin, resume=args.resume, address=args.address,
-                     started=args.started)
+                     started=args.started, verbose=args.verbose)
+    if metrics.get("preempted"):
+        run = args.resume or Path(resolved.experiment.output_dir) / resolved.experiment.name
+        print(f"sslcore: stopped by SIGTERM at step {int(metrics['step'])} with a checkpoint; continue with "
+              f"sslcore run --resume {run}", file=sys.stderr)
+        return EXIT_PREEMPTED
     print("sslcore: done " + json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
     return 0
 
@@ -228,6 +248,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from sslcore.commands.report import write_report
 
+    if args.plugin:  # a report needs no plugin, but a -p that cannot be loaded is refused as everywhere
+        _registry(args)
     print(f"wrote {write_report(args.run_dir)}")
     return 0
 

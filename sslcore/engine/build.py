@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from sslcore.api.hookspecs import Augmentation, Method, NegativeSource
 from sslcore.api.recipe import BIAS_AND_NORM, ParamGroup, Schedule, peak_lr
 from sslcore.config import BlockError
 from sslcore.engine.context import MethodContext
-from sslcore.engine.data import MultiViewDataset, seed_worker
+from sslcore.engine.data import EpochSampler, MultiViewDataset, seed_worker
 from sslcore.registry import SLOT_KINDS, Component, Registry, missing_members
 
 #: the parameter group of everything no named group claims
@@ -174,7 +174,7 @@ class TrainingData:
     augmentation: Augmentation
     dataset: MultiViewDataset
     loader: DataLoader
-    sampler: DistributedSampler | None
+    sampler: EpochSampler
     generator: torch.Generator
     batch_size: int  # per worker
 
@@ -188,14 +188,11 @@ def build_data(experiment: dict[str, Any], registry: Registry, rank: int, world_
                         f"protocol: it lacks {', '.join(missing_members(augmentation, Augmentation))}")
     dataset = MultiViewDataset(registry.build("dataset", experiment["data"]), augmentation)
     batch_size = experiment["train"]["batch_size"] // world_size
-    # Each worker reads its own shard in an order set by (seed, epoch): the sampler is made here rather than by
-    # Ray, whose default sampler ignores the experiment's seed.
-    sampler = None
-    if world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=experiment["seed"], drop_last=True)
+    # Each worker reads its own shard in an order set by (seed, epoch), from any batch on (a resume inside an
+    # epoch): the sampler is made here rather than by Ray, whose default sampler ignores the experiment's seed.
+    sampler = EpochSampler(len(dataset), experiment["seed"], rank, world_size, batch_size)
     generator = torch.Generator()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                         num_workers=loader_workers, worker_init_fn=seed_worker, generator=generator,
                         pin_memory=pin_memory, persistent_workers=False)
     return TrainingData(augmentation=augmentation, dataset=dataset, loader=loader, sampler=sampler,

@@ -3,17 +3,21 @@
 Datasets (``register_datasets``) yield ``(image, label)`` with ``image`` an H x W x 3 uint8 RGB array. The
 wrappers here apply the augmentation (training) or the eval transform (evaluators) and skip images that
 cannot be decoded, replacing each by the next readable item so that every batch keeps its size.
+
+Every training item's augmentation is seeded by ``(epoch seed, index)``, and :class:`EpochSampler` gives
+each worker its shard of the epoch's permutation from any batch on: so an epoch resumed at batch ``b``
+(a mid-epoch checkpoint) sees exactly the views it would have seen, with any number of loader workers.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from sslcore.api.errors import TrainingError, UnreadableImage
 from sslcore.api.hookspecs import Augmentation
@@ -48,19 +52,57 @@ class _SkipUnreadable(Dataset):
 
 class MultiViewDataset(_SkipUnreadable):
     """Training items: ``(views, label, index)`` with ``views = augmentation.views(image)``; ``index`` is the
-    item's position in the dataset, for methods that keep per-sample state (PCL's cluster assignments)."""
+    item's position in the dataset, for methods that keep per-sample state (PCL's cluster assignments).
+
+    Before each item the augmentation is reseeded from ``(epoch seed, index)``: an item's views depend on
+    nothing else (not on the items before it, the loader worker or a resume)."""
 
     def __init__(self, dataset: Dataset, augmentation: Augmentation) -> None:
         super().__init__(dataset)
         self.augmentation = augmentation
+        self.seed = 0
 
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int, int]:
         image, label = self._read(index)
+        self.augmentation.set_seed(item_seed(self.seed, index))
         return self.augmentation.views(image), label, index
 
     def set_seed(self, seed: int) -> None:
-        """Reseed the augmentation (each DataLoader worker, through :func:`seed_worker`)."""
-        self.augmentation.set_seed(seed)
+        """The epoch's seed, from which each item's augmentation seed derives."""
+        self.seed = seed
+
+
+def item_seed(seed: int, index: int) -> int:
+    """The augmentation seed of item ``index`` in an epoch of seed ``seed`` (a cheap, well-spread mix)."""
+    return (seed * 0x9E3779B1 + index * 0x85EBCA77 + 0x165667B1) % 2**32
+
+
+class EpochSampler(Sampler[int]):
+    """This worker's indices of an epoch: a permutation of the dataset set by ``(seed, epoch)``, every
+    ``world_size``-th from ``rank`` (each worker a disjoint shard of equal size, the tail dropped as
+    DistributedSampler's ``drop_last`` does), from batch ``start`` on.
+
+    ``set_epoch(epoch, start)`` before iterating; ``start`` > 0 resumes an epoch without decoding a single
+    skipped image."""
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, batch_size: int = 1) -> None:
+        self.size, self.seed, self.rank, self.world_size, self.batch_size = size, seed, rank, world_size, batch_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _shard(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator)
+        usable = self.size // self.world_size * self.world_size
+        return order[self.rank:usable:self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._shard()[self.start * self.batch_size:].tolist())
+
+    def __len__(self) -> int:
+        return max(0, self.size // self.world_size - self.start * self.batch_size)
 
 
 class EvalDataset(_SkipUnreadable):
@@ -76,18 +118,12 @@ class EvalDataset(_SkipUnreadable):
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn`` of a :class:`MultiViewDataset`: seeds numpy, ``random`` and the
-    dataset's augmentation per worker.
-
-    The seed is the worker's torch seed, which the DataLoader derives from its generator and the worker
-    id, so a loader with a seeded generator gives the same augmented batches on every run.
-    """
+    """DataLoader ``worker_init_fn``: seeds numpy and ``random`` per worker from the worker's torch seed,
+    which the DataLoader derives from its seeded generator and the worker id (a dataset's own code that
+    draws from them repeats across runs; the augmentation is seeded per item, see above)."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    info = torch.utils.data.get_worker_info()
-    if info is not None:
-        info.dataset.set_seed(seed)
 
 
-__all__ = ["EvalDataset", "MultiViewDataset", "seed_worker"]
+__all__ = ["EpochSampler", "EvalDataset", "MultiViewDataset", "item_seed", "seed_worker"]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import importlib.util
 import logging
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,7 @@ from sslcore.config import BlockError, Resolved
 from sslcore.engine.build import build, build_method, check_input_size
 from sslcore.engine.context import MethodContext
 from sslcore.engine.loop import WorkerSpec, train_loop_per_worker
+from sslcore.engine.ray_worker import VERBOSE_ENV
 from sslcore.engine.rundir import RunDir
 from sslcore.registry import Registry
 
@@ -61,22 +67,54 @@ def check_data(resolved: Resolved, registry: Registry) -> int:
 
 
 def prepare_run_dir(resolved: Resolved, resume: Path | None) -> RunDir:
+    """The run folder, checked; nothing in it changes here (rank 0 writes config.yaml once the run is set up
+    and its checkpoint read, so a resume that fails leaves the folder as it was)."""
     run = RunDir(resume.resolve()) if resume else run_dir_of(resolved)
     if resume is None and run.checkpoints():
         raise UserError(f"{run.path} already holds a run: pass --resume {run.path} to continue it, "
                         f"or set a new name (--set name=...)")
     if resume is not None and not run.has_config():
         raise UserError(f"--resume {resume}: no {RunDir.CONFIG} there; give the folder of an earlier run")
-    run.write_config(resolved.as_dict())
+    run.path.mkdir(parents=True, exist_ok=True)
     run.clear_error()
+    run.clear_stop()
     return run
 
 
+# The exit code of a run stopped by SIGTERM after writing its checkpoint (EX_TEMPFAIL: "try again later").
+EXIT_PREEMPTED = 75
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(run: RunDir) -> Iterator[None]:
+    """While training: SIGTERM (the preemption signal of SLURM, Kubernetes and spot machines) asks the
+    workers to checkpoint at the next step and return; a second SIGTERM stops at once, as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if run.stop_requested():
+            raise KeyboardInterrupt
+        print("sslcore: SIGTERM: checkpointing at the next step, then stopping (again to stop at once)",
+              file=sys.stderr, flush=True)
+        run.request_stop("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        run.clear_stop()
+
+
 def launch(resolved: Resolved, registry: Registry, plugin_modules: list[str], resume: Path | None = None,
-           address: str | None = None, started: float | None = None) -> dict[str, Any]:
-    """Train a validated experiment; returns the last epoch's metrics.
+           address: str | None = None, started: float | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Train a validated experiment; returns the last epoch's metrics, or ``{"preempted": 1.0, "step": N}``
+    for a run stopped by SIGTERM after its checkpoint.
 
     ``started`` (a ``time.time()``) is when the command began; the first step reports the time since.
+    ``verbose``: Ray Train's own log lines on the console too (they always go to the run's ray.log).
     """
     started = started or time.time()
     # No dry build here: the workers build the method first thing and report a factory's error the same
@@ -89,27 +127,32 @@ def launch(resolved: Resolved, registry: Registry, plugin_modules: list[str], re
     spec = WorkerSpec(experiment=resolved.as_dict(), run_dir=str(run.path), plugins=modules,
                       autoload=registry.autoload, source=resolved.source, lines=resolved.lines, cwd=os.getcwd(),
                       cpus_per_worker=resolved.experiment.scaling.cpus_per_worker, launched_at=started,
-                      interactive=sys.stdout.isatty())
+                      interactive=sys.stdout.isatty(), verbose=verbose)
     if resolved.experiment.scaling.backend == "local":
-        return train_loop_per_worker(spec)
+        with stop_on_sigterm(run):
+            return train_loop_per_worker(spec)
     return _fit_on_ray(spec, resolved, run, address)
 
 
 def _fit_on_ray(spec: WorkerSpec, resolved: Resolved, run: RunDir, address: str | None) -> dict[str, Any]:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.exceptions import TrainingFailedError
 
     scaling = resolved.experiment.scaling
     # Plugin modules the workers cannot import (not installed) travel with the job; Ray takes local
     # py_modules only at the job level, in ray.init.
     # The hook runs in every process of the job, Ray's own actors too: its module imports no torch
     # (this module's import of torch cost ~2.5 s of start-up on 2 cores; bench/results.md).
-    job_env: dict[str, Any] = {"worker_process_setup_hook": "sslcore.engine.ray_worker.quiet_ray_worker"}
+    job_env: dict[str, Any] = {"worker_process_setup_hook": "sslcore.engine.ray_worker.quiet_ray_worker",
+                               "env_vars": {VERBOSE_ENV: "1" if spec.verbose else "0"}}
     local_modules = _uninstalled_module_paths(list(spec.plugins))
     if local_modules:
         job_env["py_modules"] = local_modules
     started_here = not ray.is_initialized()
+    if not spec.verbose:  # a notice on every start of a local cluster
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if started_here:
         if address is None:
             # Ray starts its workers at niceness 15, below its own processes (nice 0): on a machine whose
@@ -133,27 +176,84 @@ def _fit_on_ray(spec: WorkerSpec, resolved: Resolved, run: RunDir, address: str 
     spec = dataclasses.replace(spec, cpus_per_worker=cpus)
     # Ray Train's print patch sends each worker print to the console twice (logger and tee)
     worker_env = {"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    # Ray Train's bookkeeping (it holds no checkpoint: sslcore's own are in the run folder), for this launch only
+    storage = run / RunDir.RAY
+    shutil.rmtree(storage, ignore_errors=True)
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config={"spec": spec},  # Ray takes a dict
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
-            name=run.path.name, storage_path=str(run.path.parent),
-            checkpoint_config=CheckpointConfig(num_to_keep=resolved.experiment.checkpoint.keep),
-            failure_config=FailureConfig(max_failures=0), worker_runtime_env=worker_env),
+            name="train", storage_path=str(storage),
+            # a failed worker group is restarted and every worker resumes from the run's last checkpoint
+            failure_config=FailureConfig(max_failures=scaling.max_failures), worker_runtime_env=worker_env,
+            # Ray Train's tracebacks of a user error (printed as one line below) go to ray.log only
+            logging_config=LoggingConfig(log_level="INFO" if spec.verbose else "CRITICAL")),
     )
     try:
-        result = trainer.fit()
-    except Exception:
-        lines = run.read_error()
+        with stop_on_sigterm(run):  # after ray.init, which installs a SIGTERM handler of its own
+            result = _fit_off_main_thread(trainer)
+    except Exception as exc:
+        lines = _take_error(run)
         if lines:
             raise UserError(*lines) from None
+        if isinstance(exc, TrainingFailedError):
+            raise TrainingFailedError(f"{exc}\n(Ray Train's log: {run / RunDir.RAY_LOG})") from None
         raise
     finally:
+        shutil.rmtree(storage, ignore_errors=True)
+        _copy_ray_train_logs(run)
         if started_here:
             ray.shutdown()
-    return dict(result.metrics or {})
+    lines = _take_error(run)
+    if lines:
+        raise UserError(*lines)
+    return dict(result.return_value or {})  # rank 0's
+
+
+def _copy_ray_train_logs(run: RunDir) -> None:
+    """Append Ray Train's own log files of this session (every level, as JSON lines; those of this machine's
+    processes) to the run's ray.log, where a traceback kept off the console can be read."""
+    from ray.train.v2._internal.logging.logging import LoggingManager
+
+    folder = LoggingManager.get_log_directory()
+    files = sorted(Path(folder).glob("ray-train-sys-*.log")) if folder else []
+    if not files:
+        return
+    with open(run / RunDir.RAY_LOG, "a") as log:
+        log.write(f"# Ray Train's logs of the launch at {time.strftime('%Y-%m-%dT%H:%M:%S')} ({folder})\n")
+        for file in files:
+            log.write(file.read_text(errors="replace"))
+
+
+def _fit_off_main_thread(trainer: Any) -> Any:
+    """``trainer.fit()`` in a thread, while this (main) thread waits and takes the signals: Ctrl-C then raises
+    KeyboardInterrupt here, and the caller's ``ray.shutdown()`` stops every process of the run at once. (On
+    the main thread, Ray Train installs a SIGINT handler that aborts the run in the background and exits 1,
+    with no word of what happened.)"""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="sslcore-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _take_error(run: RunDir) -> list[str] | None:
+    """The one-line errors a worker left in the run folder, which is left as it was."""
+    lines = run.read_error()
+    run.clear_error()
+    return lines
 
 
 def ray_train_loop(config: dict[str, WorkerSpec]) -> dict[str, Any]:

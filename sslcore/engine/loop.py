@@ -4,9 +4,14 @@
 to load and the run folder. Each worker rebuilds the registry, then its parts (``sslcore.engine.build``:
 data, method, optimizer and schedules), resumes from the latest checkpoint when there is one, and trains.
 
-Reproducibility: checkpoints are taken at epoch boundaries, and every epoch seeds torch, numpy, Python
-and the augmentation from ``(seed, epoch, rank)``, so a resumed run repeats the uninterrupted one; every
-schedule is a function of the optimizer step, which the checkpoint restores.
+Reproducibility: every epoch seeds torch, numpy and Python from ``(seed, epoch, rank)``, each image's
+augmentation from ``(epoch seed, index)``, and the sampler can start an epoch at any batch; a checkpoint
+(at epoch ends, every ``checkpoint.every_steps`` / ``every_minutes``, or on a stop request) holds the
+position and every worker's random states, so a run resumed from it repeats the uninterrupted one bit for
+bit; every schedule is a function of the optimizer step, which the checkpoint restores.
+
+Stopping: a stop request (``RunDir.request_stop``: the driver's SIGTERM handler) is polled at every step
+boundary, agreed on by all workers, and answered by a checkpoint and a return with ``preempted`` set.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from sslcore.api.recipe import TrainingStep
 from sslcore.config import BlockError, Loc, located_error
 from sslcore.engine.build import build, build_data, build_method, build_optimization, check_input_size
 from sslcore.engine.context import EvalContext, MethodContext
-from sslcore.engine.rundir import CHECKPOINT_FILE, RunDir
+from sslcore.engine.rundir import RunDir
 from sslcore.engine.session import LocalSession, RaySession, Session
 from sslcore.engine.tracking import Tracker, progress_bar
 from sslcore.registry import Registry
@@ -50,6 +55,11 @@ class WorkerSpec:
     cpus_per_worker: float | None = None  # default: the machine's CPUs / workers
     launched_at: float | None = None  # time.time() when the command started
     interactive: bool = False  # a person watches at a terminal: draw a progress bar
+    verbose: bool = False  # show Ray Train's own log lines on the console
+
+
+class Stopped(Exception):
+    """A stop request was answered with a checkpoint; the loop returns (``preempted``)."""
 
 
 def cpu_has_native_bf16() -> bool:
@@ -79,6 +89,28 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def random_states() -> dict[str, Any]:
+    """This process's torch (CPU and CUDA), numpy and Python random states, in types a weights-only
+    ``torch.load`` reads back."""
+    _, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": random.getstate()}
+
+
+def set_random_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    numpy = states["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 def compile_submodules(method: torch.nn.Module) -> None:
@@ -122,12 +154,17 @@ class Trainer:
             self._build()
         except BlockError as exc:
             raise located_error(self.spec.source or "experiment", self.spec.lines, exc.loc, exc.message) from None
-        self.start_epoch, self.step, aim_hash = 0, 0, None
-        with self.session.latest_checkpoint() as path:
-            if path is not None:
-                aim_hash = self.load_checkpoint(path)
+        self.start_epoch, self.start_batch, self.step, aim_hash = 0, 0, 0, None
+        self.resumed_state: dict[str, Any] = {}
+        self.resumed_from: Path | None = None
+        self.metrics_records = 0  # the records metrics.jsonl holds at the checkpoint resumed from
+        resumed = self.run.resume_state(report=self.is_main)
+        if resumed is not None:
+            aim_hash = self.load_checkpoint(*resumed)
         self.tracker = None
         if self.is_main:
+            self.run.truncate_metrics(self.metrics_records)  # the steps after the checkpoint are trained again
+            self.run.write_config(self.cfg)
             aim_cfg = self.cfg["tracking"]["aim"]
             repo = None
             if aim_cfg is not None:
@@ -182,14 +219,18 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
-    def state(self, epoch: int) -> dict[str, Any]:
+    def state(self, epoch: int, batches: int, sums: dict[str, Any]) -> dict[str, Any]:
+        """What a checkpoint holds: ``batches`` of ``epoch`` are done (all of them at an epoch end); ``sums``:
+        the epoch's running totals; the random states are every worker's (a collective: all ranks call it)."""
         return {"model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": epoch, "step": self.step, "dataset_size": len(self.data.dataset),
+                "epoch": epoch, "batches": batches, "step": self.step, "sums": sums,
+                "random_states": self.session.gather(random_states()), "world_size": self.session.world_size,
+                "dataset_size": len(self.data.dataset),
+                "metrics_records": self.tracker.records if self.tracker else 0,
                 "aim_run_hash": self.tracker.run_hash if self.tracker else None}
 
-    def load_checkpoint(self, path: Path) -> str | None:
-        state = RunDir.load_checkpoint(path)
+    def load_checkpoint(self, path: Path, state: dict[str, Any]) -> str | None:
         if state["dataset_size"] != len(self.data.dataset):
             raise TrainingError(f"checkpoint {path} was trained on {state['dataset_size']} images and the data "
                                 f"block now gives {len(self.data.dataset)}: resume with the run's data")
@@ -197,15 +238,35 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch, self.step = state["epoch"] + 1, state["step"]
+        self.step = state["step"]
+        batches = state.get("batches")  # absent in checkpoints of sslcore < 0.3: taken at epoch ends
+        if batches is None or batches >= self.steps_per_epoch:
+            self.start_epoch, self.start_batch = state["epoch"] + 1, 0
+        else:
+            self.start_epoch, self.start_batch = state["epoch"], batches
+            self.resumed_state = state
+        self.metrics_records = state.get("metrics_records", 0)
+        self.resumed_from = path
         return state.get("aim_run_hash")
 
-    def save_checkpoint(self, epoch: int, metrics: dict[str, Any]) -> None:
-        folder = None
+    def save_checkpoint(self, epoch: int, batches: int, sums: dict[str, Any] | None = None) -> None:
+        """A checkpoint after ``batches`` of ``epoch``, written by rank 0 (every rank takes part)."""
+        state = self.state(epoch, batches, sums or {})
         if self.is_main:
-            folder = self.session.temp_checkpoint_dir()
-            torch.save(self.state(epoch), folder / CHECKPOINT_FILE)
-        self.session.report(metrics, folder)
+            self.run.write_checkpoint(state, self.step, keep=self.cfg["checkpoint"]["keep"])
+        self.last_checkpoint = time.monotonic()
+
+    def _checkpoint_due(self) -> tuple[bool, bool]:
+        """(stop, checkpoint) at this step boundary, the same on every worker: a stop request, every_steps,
+        every_minutes (rank 0's clock)."""
+        every = self.cfg["checkpoint"]
+        stop = self.is_main and self.run.stop_requested()
+        due = bool(every["every_steps"]) and self.step % every["every_steps"] == 0
+        minutes = every["every_minutes"]
+        due = due or (self.is_main and minutes is not None and time.monotonic() - self.last_checkpoint >= minutes * 60)
+        if self.session.world_size > 1:
+            stop, due = self.session.agree(stop, due)
+        return stop, due or stop
 
     # -- training ------------------------------------------------------------------------------------
 
@@ -252,52 +313,86 @@ class Trainer:
         names = self.optimization.group_names
         return {"lr": rates[0], **{f"lr_{name}": rate for name, rate in zip(names[1:], rates[1:])}}
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def train_epoch(self, epoch: int, start: int = 0) -> dict[str, float]:
+        """Train ``epoch`` from batch ``start`` (> 0: resumed inside it, from ``self.resumed_state``)."""
         seed = epoch_seed(self.cfg["seed"], epoch, self.session.rank)
         seed_everything(seed)
         self.data.generator.manual_seed(seed)
         self.data.dataset.set_seed(seed)
-        if self.data.sampler is not None:
-            self.data.sampler.set_epoch(epoch)
-        start_metrics = self.epoch_start(epoch)
+        self.data.sampler.set_epoch(epoch, start)
+        # losses are summed on the device and read once per log window: no sync per step
+        epoch_sum = torch.zeros((), device=self.device)
+        images, elapsed = 0, 0.0
+        if start == 0:
+            start_metrics = self.epoch_start(epoch)
+        else:  # the E-step's results are in the method's state; the random states are where they were
+            sums = self.resumed_state["sums"]
+            epoch_sum += sums["loss"].to(self.device)
+            images, elapsed, start_metrics = sums["images"], sums["seconds"], sums["start_metrics"]
+            states = self.resumed_state["random_states"]
+            if len(states) == self.session.world_size:
+                set_random_states(states[self.session.rank])
+            elif self.is_main:
+                print(f"sslcore: the checkpoint was taken with {len(states)} workers, this run has "
+                      f"{self.session.world_size}: the rest of epoch {epoch + 1} draws other random numbers than "
+                      "the uninterrupted run would", flush=True)
+            self.resumed_state = {}
         self.model.train()
         bar = self.bar  # None unless a person watches at a terminal
         log_every = self.train_cfg["log_every_steps"]
-        # losses are summed on the device and read once per log window: no sync per step
-        epoch_sum, window_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        window_steps = images = window_images = 0
+        window_sum = torch.zeros((), device=self.device)
+        window_steps = window_images = 0
         epoch_start = window_start = time.perf_counter()
-        for i, (views, _, index) in enumerate(itertools.islice(self.loader, self.steps_per_epoch)):
+        out: dict[str, torch.Tensor] = {}
+
+        def log_window(batches: int) -> None:
+            nonlocal window_start, window_steps, window_images
+            window_loss = self.session.mean(window_sum).item() / window_steps
+            self._check_finite(window_loss, epoch)
+            now = time.perf_counter()
+            metrics = {"loss": window_loss, **self._learning_rates(),
+                       "img_per_s": window_images / (now - window_start), **self.values}
+            metrics.update({k: float(v) for k, v in out.items() if k != "loss"})
+            window_sum.zero_()
+            window_start, window_steps, window_images = now, 0, 0
+            if self.tracker is not None:
+                self.tracker.log(metrics, step=self.step, epoch=epoch, subset="train")
+            if bar is not None:
+                bar.set_description(f"epoch {epoch + 1}/{self.epochs} loss {window_loss:.4f} "
+                                    f"{metrics['img_per_s']:.0f} img/s")
+
+        batches = start
+        for views, _, index in itertools.islice(self.loader, self.steps_per_epoch - start):
             out = self.train_step(self._images(views), index, epoch)
-            loss = out["loss"]
+            batches += 1
             if self.step == 1 and self.is_main and self.spec.launched_at:
                 startup = time.time() - self.spec.launched_at
                 print(f"sslcore: first step {startup:.1f} s after start", flush=True)
                 self.run.update_summary({"startup_seconds": startup})
-            window_sum += loss.detach()
+            loss = out["loss"].detach()
+            window_sum += loss
+            epoch_sum += loss
             window_steps += 1
             n = views[0].shape[0] * self.session.world_size
             images += n
             window_images += n
-            if window_steps == log_every or i + 1 == self.steps_per_epoch:
-                window_loss = (window_sum / window_steps).item()
-                self._check_finite(window_loss, epoch)
-                now = time.perf_counter()
-                metrics = {"loss": window_loss, **self._learning_rates(),
-                           "img_per_s": window_images / (now - window_start), **self.values}
-                metrics.update({k: float(v) for k, v in out.items() if k != "loss"})
-                epoch_sum += window_sum
-                window_sum.zero_()
-                window_start, window_steps, window_images = now, 0, 0
-                if self.tracker is not None:
-                    self.tracker.log(metrics, step=self.step, epoch=epoch, subset="train")
-                if bar is not None:
-                    bar.set_description(f"epoch {epoch + 1}/{self.epochs} loss {window_loss:.4f} "
-                                        f"{metrics['img_per_s']:.0f} img/s")
+            if batches % log_every == 0 or batches == self.steps_per_epoch:
+                log_window(batches)
             if bar is not None:
                 bar.update(1)
-        elapsed = time.perf_counter() - epoch_start
-        return {"epoch": epoch, "step": self.step, "loss": float(epoch_sum) / (i + 1),
+            if batches < self.steps_per_epoch:
+                stop, due = self._checkpoint_due()
+                if due:
+                    if window_steps:
+                        log_window(batches)  # metrics.jsonl is complete up to the checkpoint
+                    seconds = elapsed + time.perf_counter() - epoch_start
+                    self.save_checkpoint(epoch, batches, {"loss": epoch_sum.cpu(), "images": images,
+                                                          "seconds": seconds, "start_metrics": start_metrics})
+                if stop:
+                    raise Stopped
+        elapsed += time.perf_counter() - epoch_start
+        epoch_loss = self.session.mean(epoch_sum).item() / (batches or 1)
+        return {"epoch": epoch, "step": self.step, "loss": epoch_loss,
                 "img_per_s": images / elapsed, "epoch_seconds": elapsed, **start_metrics}
 
     def epoch_start(self, epoch: int) -> dict[str, float]:
@@ -318,8 +413,8 @@ class Trainer:
         if not math.isfinite(loss):
             raise TrainingError(
                 f"loss is {loss} at epoch {epoch + 1}, step {self.step} of {self.spec.source or 'the run'}: "
-                f"lower train.optimizer.lr or use train.precision: fp32; checkpoints up to the previous epoch "
-                f"are kept in {self.run.path} and --resume continues from them")
+                f"lower train.optimizer.lr or use train.precision: fp32; the checkpoints taken before it are "
+                f"kept in {self.run.path} and --resume continues from the last")
 
     def evaluate(self, epoch: int, final: bool) -> dict[str, float]:
         results: dict[str, float] = {}
@@ -344,31 +439,49 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         self.setup()
+        self.last_checkpoint = time.monotonic()
+        done = self.start_epoch * self.steps_per_epoch + self.start_batch
         # one bar for the whole run, for a person at a terminal; logs get the per-epoch lines only
         self.bar = None
         if self.is_main and self.cfg["tracking"]["progress_bar"] and self.spec.interactive:
             self.bar = progress_bar(self.total_steps, under_ray=isinstance(self.session, RaySession))
-            self.bar.update(self.start_epoch * self.steps_per_epoch)
-        if self.is_main and self.start_epoch > 0:
-            print(f"sslcore: resuming {self.run.path} at epoch {self.start_epoch + 1}", flush=True)
+            self.bar.update(done)
+        if self.is_main and self.resumed_from is not None:
+            where = f"epoch {self.start_epoch + 1}" + (f", batch {self.start_batch + 1}" if self.start_batch else "")
+            print(f"sslcore: resuming {self.run.path} at {where} (step {self.step}) from {self.resumed_from}",
+                  flush=True)
         last: dict[str, Any] = {}
-        if self.train_cfg["eval_at_start"] and self.start_epoch == 0:
+        if self.train_cfg["eval_at_start"] and done == 0:
             initial = self.evaluate(-1, final=True)
             if self.is_main and initial:
                 print("sslcore: before training (random-init floor): " + _fmt(initial), flush=True)
                 self.run.update_summary({"initial": initial})
         every = self.cfg["checkpoint"]["every_epochs"]
-        for epoch in range(self.start_epoch, self.epochs):
-            metrics = self.train_epoch(epoch)
-            final = epoch + 1 == self.epochs
-            metrics.update(self.evaluate(epoch, final=final))
+        try:
+            for epoch in range(self.start_epoch, self.epochs):
+                metrics = self.train_epoch(epoch, self.start_batch if epoch == self.start_epoch else 0)
+                final = epoch + 1 == self.epochs
+                metrics.update(self.evaluate(epoch, final=final))
+                if self.is_main:
+                    print(f"sslcore: epoch {epoch + 1}/{self.epochs} " + _fmt(metrics), flush=True)
+                stop, due = self._checkpoint_due()
+                stop = stop and not final
+                if final or due or (epoch + 1) % every == 0:
+                    self.save_checkpoint(epoch, self.steps_per_epoch)
+                self.session.report(metrics)
+                last = metrics
+                if stop:
+                    raise Stopped
+        except Stopped:
+            if self.bar is not None:
+                self.bar.close()
+            if self.tracker is not None:
+                self.tracker.close()
             if self.is_main:
-                print(f"sslcore: epoch {epoch + 1}/{self.epochs} " + _fmt(metrics), flush=True)
-            if final or (epoch + 1) % every == 0:
-                self.save_checkpoint(epoch, metrics)
-            else:
-                self.session.report(metrics, None)
-            last = metrics
+                print(f"sslcore: stopped at step {self.step} on request; checkpoint written", flush=True)
+            result = {"preempted": 1.0, "step": self.step}
+            self.session.report(result)
+            return result
         if self.bar is not None:
             self.bar.close()
         self.train_end()
@@ -386,19 +499,26 @@ def _fmt(metrics: dict[str, Any]) -> str:
 
 
 def train_loop_per_worker(spec: WorkerSpec) -> dict[str, Any]:
-    """The loop each Ray Train worker runs (also called in-process for ``scaling.backend: local``)."""
+    """The loop each Ray Train worker runs (also called in-process for ``scaling.backend: local``).
+
+    On Ray, a user error (a NaN loss, bad data) is written to the run folder for the driver to print as one
+    line, and is not retried: a single worker returns; of several, the one that hit it raises (so that the
+    others are not left waiting in a collective), and when Ray Train restarts the group every worker of the
+    new attempt finds the error and returns at once."""
     backend = spec.experiment["scaling"]["backend"]
     run = RunDir(spec.run_dir)
     if os.path.isdir(spec.cwd):
         os.chdir(spec.cwd)  # Ray starts workers elsewhere; relative paths in the file mean the user's folder
-    if backend == "ray":
-        session: Session = RaySession()
-    else:
-        session = LocalSession(run, keep=spec.experiment["checkpoint"]["keep"],
-                               use_gpu=spec.experiment["scaling"]["use_gpu"])
+    if backend == "local":
+        session: Session = LocalSession(use_gpu=spec.experiment["scaling"]["use_gpu"])
+        return Trainer(spec, session).fit()
+    if run.read_error() is not None:
+        return {"sslcore_error": 1.0}
+    session = RaySession()
     try:
         return Trainer(spec, session).fit()
     except UserError as exc:
-        # Ray wraps worker exceptions; the driver reads this file to print the user's error plainly.
         run.write_error(session.rank, exc.lines)
-        raise
+        if session.world_size > 1:
+            raise
+        return {"sslcore_error": 1.0}

@@ -5,10 +5,22 @@ standard library: importing sslcore.engine would pull in torch, ~1.5 s in each o
 """
 
 import logging
+import os
+import sys
+
+VERBOSE_ENV = "SSLCORE_VERBOSE"  # set for the job by the driver under --verbose
 
 
 def quiet_ray_worker() -> None:
-    """Without Ray's dashboard (not installed by ray[train]) the state API is absent, and Ray Train's
-    placement-group cleaner would warn about it every second."""
+    """Keep Ray Train's bookkeeping off the console (it stays in Ray Train's log files, which the driver
+    copies to the run's ray.log); ``--verbose`` shows it.
+
+    Without Ray's dashboard (not installed by ray[train]) the state API is absent, and Ray Train's
+    placement-group cleaner would warn about it every second. Ray Train's per-report line comes from a
+    logger named by its file's path, outside ``ray.train`` and so outside ``RunConfig.logging_config``."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
         logging.ERROR)
+    ray = sys.modules.get("ray")
+    if ray is not None and os.environ.get(VERBOSE_ENV) != "1":
+        context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+        logging.getLogger(context).setLevel(logging.WARNING)

@@ -1,25 +1,21 @@
 """Where the training loop runs: a Ray Train worker, or this process alone (``scaling.backend: local``).
 
 The loop talks only to a :class:`Session`; the two kinds differ in how they wrap the model and the
-DataLoader, where checkpoints go and how metrics are reported.
+DataLoader, how workers agree and how metrics are reported. Checkpoints are not a session's business: rank 0
+writes them to the run folder on both (``RunDir.write_checkpoint``), and every worker resumes from there.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from sslcore.engine.rundir import CHECKPOINT_FILE, RunDir
-
 
 class Session:
+    """One process, no process group (``scaling.backend: local``)."""
+
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
@@ -30,47 +26,30 @@ class Session:
     def prepare_loader(self, loader: DataLoader) -> DataLoader:
         return loader
 
-    @contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        """The state.pt file of the run's latest checkpoint, readable inside the context; None: a new run."""
-        yield None
+    def report(self, metrics: dict[str, Any]) -> None:
+        """An epoch's metrics (or the last word of a stopped run)."""
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        raise NotImplementedError
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` averaged over the workers."""
+        return value
 
-    def temp_checkpoint_dir(self) -> Path:
-        return Path(tempfile.mkdtemp(prefix="sslcore-ckpt-"))
+    def agree(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag, true on every worker when it is true on any (a collective: every rank calls it)."""
+        return flags
+
+    def gather(self, value: Any) -> list[Any]:
+        """``value`` of every worker, by rank (a collective)."""
+        return [value]
 
 
 class LocalSession(Session):
-    """One process, no process group: checkpoints go straight to the run folder's ``checkpoint_<epoch>``."""
-
-    def __init__(self, run: RunDir, keep: int, use_gpu: bool) -> None:
-        self.run, self.keep = run, keep
+    def __init__(self, use_gpu: bool) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-
-    def temp_checkpoint_dir(self) -> Path:
-        # in the run folder, so that moving it into place is an atomic rename: a crash leaves no half checkpoint
-        return Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=self.run.path))
-
-    @contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        yield self.run.latest_checkpoint()
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        if checkpoint_dir is None:
-            return
-        target = self.run.checkpoint_folder(int(metrics["epoch"]))
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.move(str(checkpoint_dir), target)
-        for old in self.run.checkpoints()[:-self.keep]:
-            shutil.rmtree(old.parent)
 
 
 class RaySession(Session):
-    """A Ray Train worker: DDP through ``prepare_model``, distributed sampling through
-    ``prepare_data_loader``, checkpoints handed to ``ray.train.report`` (Ray keeps ``num_to_keep``)."""
+    """A Ray Train worker: DDP through ``prepare_model``, the loop's own sampler through
+    ``prepare_data_loader``, metrics to ``ray.train.report``; collectives over Ray Train's process group."""
 
     def __init__(self) -> None:
         import ray.train
@@ -87,22 +66,40 @@ class RaySession(Session):
         # keys, and BatchNorm statistics stay per worker (the official multi-GPU recipes of MoCo and PCL;
         # SimCLR, BYOL, SimSiam, Barlow Twins and VICReg share them with SyncBatchNorm, which sslcore does
         # not use yet).
-        return self._torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+        # Buffers are synced once, from rank 0, as DDP wraps the model: every worker starts from the same
+        # queue, as the official code's identically seeded processes do (an older torch has only
+        # broadcast_buffers, whose False also skips that first sync).
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        per_step = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+            DistributedDataParallel).parameters else "broadcast_buffers")
+        return self._torch.prepare_model(model, parallel_strategy_kwargs={per_step: False})
 
     def prepare_loader(self, loader: DataLoader) -> DataLoader:
         return self._torch.prepare_data_loader(loader, add_dist_sampler=False)  # the loop brings its sampler
 
-    @contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        checkpoint = self._train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as folder:
-            yield Path(folder) / CHECKPOINT_FILE
+    def report(self, metrics: dict[str, Any]) -> None:
+        self._train.report(metrics)
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        self._train.report(metrics, checkpoint=checkpoint)
-        if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return value
+        total = value.detach().clone()
+        torch.distributed.all_reduce(total)
+        return total / self.world_size
+
+    def agree(self, *flags: bool) -> tuple[bool, ...]:
+        if self.world_size == 1:
+            return flags
+        votes = torch.tensor([float(f) for f in flags], device=self.device)
+        torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+        return tuple(bool(v) for v in votes.tolist())
+
+    def gather(self, value: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(values, value)
+        return values

@@ -15,11 +15,14 @@ HISTOGRAM_BINS = 32
 class Tracker:
     """Writes metrics to the run's metrics.jsonl and, when configured, to an aim run.
 
-    ``run_hash`` continues the aim run of an interrupted training (it is stored in checkpoints).
+    ``run_hash`` continues the aim run of an interrupted training (it is stored in checkpoints);
+    ``records`` counts the records metrics.jsonl holds (a checkpoint keeps the count, and a resume cuts the
+    file back to it).
     """
 
     def __init__(self, metrics_file: Path, name: str, aim_repo: str | None, aim_experiment: str | None,
                  hparams: dict[str, Any], run_hash: str | None = None) -> None:
+        self.records = len(metrics_file.read_text().splitlines()) if metrics_file.is_file() else 0
         self.metrics_file = open(metrics_file, "a")  # noqa: SIM115 — closed in close()
         self.aim_run = None
         if aim_repo is not None:
@@ -57,6 +60,7 @@ class Tracker:
             record[key] = {"bin_edges": edges.tolist(), "counts": counts.tolist()}
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
+        self.records += 1
         if self.aim_run is not None:
             import aim
 

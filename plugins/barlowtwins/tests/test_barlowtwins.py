@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from sslcore.api.hookspecs import Augmentation, Encoder, PairedLoss
 from sslcore.config import load_experiment, resolve
 from sslcore.engine.context import MethodContext
+from sslcore.engine.rundir import RunDir
 from sslcore.registry import Registry
 from sslcore.testing import (
     build_for_training,
@@ -279,5 +280,5 @@ def test_the_cifar10_example_gives_biases_and_norms_the_weights_lr(plugin_regist
 
 def test_cifar10_example_runs_as_written(tmp_path: Path, cifar10_dir: Path) -> None:
     run_dir = run_example_briefly(EXAMPLE, cifar10_dir, tmp_path)
-    state = torch.load(run_dir / "checkpoint_000000" / "state.pt", weights_only=True)["model"]
+    state = torch.load(RunDir(run_dir).checkpoints()[0], weights_only=True)["model"]
     assert state["projector.6.weight"].shape == (2048, 2048)

@@ -20,6 +20,7 @@ from sslcore.api.hookspecs import Augmentation, Encoder, PairedLoss, Slot
 from sslcore.api.recipe import TrainingStep
 from sslcore.config import resolve
 from sslcore.engine.context import MethodContext
+from sslcore.engine.rundir import RunDir
 from sslcore.registry import Registry
 from sslcore.testing import (
     build_for_training,
@@ -294,7 +295,7 @@ def test_the_installed_entry_point_registers_byol() -> None:
 def test_cifar10_example_runs_as_written(tmp_path: Path, cifar10_dir: Path) -> None:
     run_dir = run_example_briefly(Path(__file__).parents[3] / "examples" / "byol_cifar10.yaml", cifar10_dir,
                                   tmp_path)
-    state = torch.load(run_dir / "checkpoint_000000" / "state.pt", weights_only=True)
+    state = torch.load(RunDir(run_dir).checkpoints()[0], weights_only=True)
     assert "step" not in state["model"]  # the schedule's step is the engine's, restored on resume
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [record for record in records if record["subset"] == "train"]

@@ -21,7 +21,6 @@ from sslcore.api.hookspecs import PatchEncoder, Slot
 from sslcore.config import load_experiment, resolve
 from sslcore.engine.context import MethodContext
 from sslcore.engine.loop import Trainer, WorkerSpec
-from sslcore.engine.rundir import RunDir
 from sslcore.engine.session import LocalSession
 from sslcore.registry import Registry
 from sslcore.testing import build_for_training, built_slots, check_component, check_plugin, run_example_briefly
@@ -290,7 +289,7 @@ def test_cifar10_example_runs_draws_reconstructions_and_resumes(tmp_path: Path, 
     experiment["method"]["picture_every_epochs"] = 1
     spec = WorkerSpec(experiment=experiment, run_dir=str(run_dir), plugins=("sslcore_mae.plugin",), autoload=False,
                       source="test")
-    trainer = Trainer(spec, LocalSession(RunDir(run_dir), keep=2, use_gpu=False))
+    trainer = Trainer(spec, LocalSession(use_gpu=False))
     last = trainer.fit()
     assert trainer.start_epoch == 1 and last["epoch"] == 1 and last["step"] == 4
     assert math.isfinite(last["loss"]) and 0.0 <= last["knn_top1"] <= 1.0

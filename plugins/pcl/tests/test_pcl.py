@@ -222,7 +222,8 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def state(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / f"checkpoint_{epoch:06d}" / "state.pt", weights_only=True)["model"]
+    """The model state of the checkpoint at the end of ``epoch`` (one per epoch, all kept)."""
+    return torch.load(RunDir(run_dir).checkpoints()[epoch], weights_only=True)["model"]
 
 
 def test_e_steps_cluster_real_images_and_their_state_survives_resume(tmp_path: Path, cifar10_subset: dict) -> None:
@@ -263,10 +264,12 @@ def test_e_steps_cluster_real_images_and_their_state_survives_resume(tmp_path: P
 
     spec = WorkerSpec(experiment=yaml.safe_load((resumed / "config.yaml").read_text()), run_dir=str(resumed),
                       plugins=("sslcore_moco.plugin", "sslcore_pcl.plugin"), autoload=False, source="test")
-    trainer = Trainer(spec, LocalSession(RunDir(resumed), keep=3, use_gpu=False))
+    trainer = Trainer(spec, LocalSession(use_gpu=False))
     trainer.setup()
     assert isinstance(trainer.method, PCL) and trainer.start_epoch == 2
     torch.testing.assert_close(trainer.method.assignments, clustered["assignments"])
+    # a run resumed inside an epoch does not run its E-step again: the prototypes are used from the state
+    assert trainer.method._use_prototypes
     trainer.tracker.close()
 
     out = run("run", "--resume", str(resumed), "--set", "train.epochs=3")
@@ -288,7 +291,7 @@ def test_two_ray_workers_run_an_e_step_on_real_images(tmp_path: Path, cifar10_su
     (e_step,) = [r for r in logged if r["subset"] == "epoch_start"]
     assert e_step["epoch"] == 1 and "ami_10" in e_step
     assert all("acc_proto_10" in r for r in logged if r["subset"] == "train" and r["epoch"] == 1)
-    final = torch.load(RunDir(run_dir).checkpoints()[-1], weights_only=True)["model"]  # Ray names its checkpoints
+    final = torch.load(RunDir(run_dir).checkpoints()[-1], weights_only=True)["model"]
     # every image of the 200 was embedded (by one of the two workers) and assigned
     assert final["clustered"] and (final["assignments"] >= 0).all() and final["assignments"].shape == (2, 200)
     assert (run_dir / "prototypes_epoch002.png").is_file()

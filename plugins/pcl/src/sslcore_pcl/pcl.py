@@ -188,6 +188,8 @@ class PCL(MoCo):
             self.register_buffer(f"phi_{m}", torch.ones(k))  # phi^m: K_m
         self.register_buffer("clustered", torch.zeros((), dtype=torch.bool))
         self._use_prototypes = False
+        # a checkpoint taken inside an epoch resumes without this epoch's E-step: the flag follows the state
+        self.register_load_state_dict_post_hook(_after_load)
 
     def prototypes(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"prototypes_{m}"), getattr(self, f"phi_{m}")
@@ -314,3 +316,7 @@ def write_prototype_grid(context: MethodContext, features: torch.Tensor, result:
             image = Image.fromarray(np.asarray(dataset[i][0])).resize((cell, cell), Image.BICUBIC)
             grid.paste(image, (col * cell, row * cell))
     grid.save(path)
+
+
+def _after_load(module: PCL, incompatible_keys: object) -> None:
+    module._use_prototypes = bool(module.clustered)
