@@ -182,9 +182,10 @@ def register_losses(register):
 def test_a_loss_must_declare_its_call(tmp_path: Path) -> None:
     (tmp_path / "tp_plain.py").write_text(UNDECLARED_LOSS)
     out = run_cli("plugins", "-p", "tp_plain", cwd=tmp_path, autoload=False)
-    assert out.returncode == 0
-    (line,) = [x for x in out.stdout.splitlines() if x.startswith("tp_plain")]
-    assert "FAILED TO LOAD" in line and "loss 'plain': declare its call by subclassing" in line
+    assert out.returncode == 2  # a module named with -p that cannot be loaded is an error, as under plugins:
+    (line,) = out.stderr.splitlines()
+    assert line.startswith("error: -p tp_plain: cannot load it")
+    assert "loss 'plain': declare its call by subclassing" in line
 
 
 def test_validate_resolved_prints_what_will_run(tmp_path: Path, data: str) -> None:

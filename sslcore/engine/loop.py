@@ -244,7 +244,7 @@ class Trainer:
             self.start_epoch, self.start_batch = state["epoch"] + 1, 0
         else:
             self.start_epoch, self.start_batch = state["epoch"], batches
-            self.resumed_state = state
+            self.resumed_state = {"sums": state["sums"], "random_states": state["random_states"]}
         self.metrics_records = state.get("metrics_records", 0)
         self.resumed_from = path
         return state.get("aim_run_hash")
