@@ -52,7 +52,14 @@ def reference(cifar10_subset: dict, tmp_path_factory: pytest.TempPathFactory) ->
     run_dir = tmp / "runs" / "unit"
     losses = losses_by_step(run_dir)
     assert [step for step, _ in losses] == list(range(1, 11))
+    report("uninterrupted (local)", run_dir)
     return {"losses": losses, "backbone": digest(run_dir / "backbone.pt")}
+
+
+def report(case: str, run_dir: Path) -> None:
+    """What the note of a fault run quotes (with pytest -s): its last loss and its backbone's digest."""
+    print(f"\n{case}: last loss {losses_by_step(run_dir)[-1][1]!r}, backbone.pt sha256 "
+          f"{digest(run_dir / 'backbone.pt')[:16]}")
 
 
 def start(path: Path, *args: str) -> subprocess.Popen:
@@ -98,6 +105,7 @@ def test_sigterm_checkpoints_inside_the_epoch_and_the_resumed_run_ends_as_the_un
     out = run("run", "--resume", str(run_dir))
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert f"resuming {run_dir} at epoch 2, batch {state['batches'] + 1} (step {state['step']})" in out.stdout
+    report(f"SIGTERM at step {state['step']} and resumed ({backend})", run_dir)
     assert losses_by_step(run_dir) == reference["losses"]  # each step once, and the same bits
     assert digest(run_dir / "backbone.pt") == reference["backbone"]
 
@@ -115,6 +123,7 @@ def test_a_killed_ray_worker_is_restarted_from_the_last_checkpoint_and_ends_as_t
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, (stdout + stderr)[-3000:]
     assert f"resuming {run_dir} at epoch 2, batch" in stdout  # from the checkpoint of step 6, or of 8
+    report("Ray worker killed after step 7, restarted by Ray Train", run_dir)
     assert losses_by_step(run_dir) == reference["losses"]
     assert digest(run_dir / "backbone.pt") == reference["backbone"]
 
