@@ -192,9 +192,9 @@ class RunDir:
                 state = self.load_checkpoint(path)
             except UserError as exc:
                 problems.append(exc.lines[0])
-                if report:
-                    logger.warning("%s; resuming from the checkpoint before it", exc.lines[0])
                 continue
+            for problem in problems if report else []:
+                logger.warning("%s; resuming from the checkpoint before it", problem)
             return path, state
         if problems:
             raise UserError(f"{self.path}: none of its {len(found)} checkpoints can be used ({'; '.join(problems)})"
