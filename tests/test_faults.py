@@ -63,8 +63,11 @@ def report(case: str, run_dir: Path) -> None:
 
 
 def start(path: Path, *args: str) -> subprocess.Popen:
+    # SIGINT as a terminal gives it: a shell's background job (CI's, say) inherits it ignored, and Python
+    # keeps an ignored SIGINT ignored
     return subprocess.Popen([*CLI, "run", str(path), *args], env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> None:
@@ -177,10 +180,26 @@ def test_a_resume_that_fails_leaves_the_run_folder_as_it_was(tmp_path: Path, cif
     assert folder_contents(run_dir) == before  # config.yaml, metrics.jsonl and the checkpoint untouched
 
 
+@pytest.fixture
+def another_ray_instance() -> subprocess.Popen:
+    """A Ray instance of someone else's on the same machine, for the length of a test."""
+    code = "import ray, sys, time; ray.init(include_dashboard=False); print('up', flush=True); time.sleep(600)"
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, start_new_session=True)
+    assert other.stdout.readline().strip() == "up"
+    yield other
+    os.killpg(other.pid, signal.SIGTERM)
+    other.wait(timeout=60)
+
+
 @pytest.mark.ray
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_nan_loss_on_ray_is_one_line_and_not_retried(tmp_path: Path, cifar10_subset: dict, workers: int) -> None:
-    path = faulty_experiment(tmp_path, cifar10_subset, scaling={"backend": "ray", "num_workers": workers})
+@pytest.mark.parametrize("workers", [1, 2, "1, beside another Ray instance"])
+def test_a_nan_loss_on_ray_is_one_line_and_not_retried(tmp_path: Path, cifar10_subset: dict, workers: int | str,
+                                                        request: pytest.FixtureRequest) -> None:
+    if isinstance(workers, str):  # Ray Train's helpers must find this run's cluster, not fail on two
+        request.getfixturevalue("another_ray_instance")
+    count = workers if isinstance(workers, int) else 1
+    path = faulty_experiment(tmp_path, cifar10_subset, scaling={"backend": "ray", "num_workers": count})
     started = time.monotonic()
     out = run("run", str(path), "--set", "train.optimizer.lr=1.0e+30")
     assert out.returncode == 2, (out.stdout + out.stderr)[-3000:]
@@ -189,7 +208,7 @@ def test_a_nan_loss_on_ray_is_one_line_and_not_retried(tmp_path: Path, cifar10_s
     assert "loss is nan" in error and "train.optimizer.lr" in error
     # besides it, at most Ray's own C++ notices (core_worker.cc)
     assert all(x == error or ".cc:" in x for x in lines), lines
-    if workers > 1:  # the worker raised, so that the other is not left in a collective: Ray's traceback is kept
+    if count > 1:  # the worker raised, so that the other is not left in a collective: Ray's traceback is kept
         log = (tmp_path / "runs" / "unit" / RunDir.RAY_LOG).read_text()
         assert "loss is nan" in log and "Traceback" in log
     assert not (tmp_path / "runs" / "unit" / RunDir.ERROR).exists()

@@ -161,8 +161,11 @@ def _fit_on_ray(spec: WorkerSpec, resolved: Resolved, run: RunDir, address: str 
             # a bf16 ResNet step at 0.6-0.85x of in-process speed at nice 15, ~0.9x at nice 0 (bench/results.md).
             os.environ.setdefault("RAY_worker_niceness", "0")
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False,
-                     runtime_env=job_env)
+            # "local": without --address (or RAY_ADDRESS) a cluster of this run's own, never one that another
+            # `ray start` on the machine left running
+            ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                     log_to_driver=True,
+                     configure_logging=False, runtime_env=job_env)
         except ConnectionError as exc:
             raise UserError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[-1]}); "
                             f"check the address (ray status) or leave --address out to start a local one") from None
