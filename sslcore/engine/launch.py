@@ -245,8 +245,7 @@ def _fit_off_main_thread(trainer: Any) -> Any:
 
     thread = threading.Thread(target=fit, name="sslcore-fit", daemon=True)
     thread.start()
-    while thread.is_alive():
-        thread.join(0.2)
+    thread.join()  # a signal interrupts the wait, and its handler runs here
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

@@ -164,6 +164,7 @@ class Trainer:
         self.tracker = None
         if self.is_main:
             self.run.truncate_metrics(self.metrics_records)  # the steps after the checkpoint are trained again
+            self.run.remove_partial_checkpoints()  # a writer killed mid-checkpoint leaves its temporary folder
             self.run.write_config(self.cfg)
             aim_cfg = self.cfg["tracking"]["aim"]
             repo = None
