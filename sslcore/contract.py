@@ -194,6 +194,9 @@ def _check_method(registry: Registry, name: str, build: Callable[..., Any], tmp:
     optimization = build_optimization(method, experiment, registry, steps_per_epoch=2, total_steps=2)
     aug = registry.build("augmentation", experiment["augmentation"])
     views = [torch.stack(v) for v in zip(*(aug.views(_image(i)) for i in range(batch)))]
+    step = TrainingStep(index=0, epoch=0, steps_per_epoch=2, total_steps=2,
+                        values={key: s.at(0, 2, 2) for key, s in method.schedules().items()})
+    method.on_step_start(step)
     out = method(views, torch.arange(batch)) if method.uses_index else method(views)
     loss = out["loss"]
     if loss.ndim != 0 or not torch.isfinite(loss):
@@ -203,8 +206,6 @@ def _check_method(registry: Registry, name: str, build: Callable[..., Any], tmp:
     loss.backward()
     if not any(p.grad is not None for p in method.parameters()):
         raise AssertionError(f"{name}: no gradient reached the parameters")
-    step = TrainingStep(index=0, epoch=0, steps_per_epoch=2, total_steps=2,
-                        values={key: s.at(0, 2, 2) for key, s in method.schedules().items()})
     method.before_optimizer_step(step)
     optimization.optimizer.step()
     method.after_optimizer_step(step)

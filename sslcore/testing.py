@@ -161,6 +161,48 @@ def run_example_briefly(example: Path, cifar10_dir: Path, tmp_path: Path, *overr
     return run.path
 
 
+def resume_repeats_the_run(example: Path, cifar10_dir: Path, tmp_path: Path, *overrides: str) -> None:
+    """A method's state is all in its checkpoints: ``example`` run briefly (:func:`run_example_briefly`, then
+    2 epochs of 3 steps with a checkpoint after every step, then ``overrides``), and two copies of the run
+    resumed from its checkpoint at step 2 (inside epoch 1) and at step 3 (the end of epoch 1), log the same
+    loss at every step and end with the same model state, bit for bit."""
+    import json
+    import shutil
+
+    import torch
+
+    from sslcore.engine.rundir import RunDir
+
+    def train_losses(run: Path) -> list[tuple[int, float]]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in records if r["subset"] == "train"]
+
+    def final_model(run: Path) -> dict[str, torch.Tensor]:
+        return torch.load(RunDir(run).checkpoints()[-1], weights_only=True)["model"]
+
+    (tmp_path / "straight").mkdir()
+    schedule = ("train.epochs=2", "train.max_steps_per_epoch=3", "train.log_every_steps=1",
+                "checkpoint.every_steps=1", "checkpoint.keep=10")
+    straight = run_example_briefly(example, cifar10_dir, tmp_path / "straight", *schedule, *overrides)
+    expected, model = train_losses(straight), final_model(straight)
+    assert [step for step, _ in expected] == list(range(1, 7)), expected
+    for at in (2, 3):
+        resumed = tmp_path / f"resumed_at_{at}" / straight.name
+        shutil.copytree(straight, resumed)
+        for checkpoint in RunDir(resumed).checkpoints():
+            if int(checkpoint.parent.name.removeprefix("checkpoint_")) > at:
+                shutil.rmtree(checkpoint.parent)
+        # from the first run's folder: its aim repository (the example's relative runs/.aim) holds the aim run
+        out = run_cli("run", "--resume", str(resumed), cwd=tmp_path / "straight")
+        assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+        assert f"(step {at})" in out.stdout, out.stdout[-2000:]
+        assert train_losses(resumed) == expected, f"resumed at step {at}: {train_losses(resumed)} != {expected}"
+        got = final_model(resumed)
+        assert got.keys() == model.keys()
+        different = [key for key in model if not torch.equal(got[key], model[key])]
+        assert not different, f"resumed at step {at}, the final model differs in {different[:5]}"
+
+
 def tiny_encoder(feature_dim: int = 8) -> Any:
     """A conv, a ReLU and global pooling, with ``feature_dim`` and ``input_size`` None (an Encoder): an
     encoder without BatchNorm for method tests (no statistic couples the samples of a batch), fast on one

@@ -333,11 +333,12 @@ class Method(Protocol):
     """A self-supervised method: an ``nn.Module`` that turns a batch of views into a loss.
 
     Subclass it (``class MoCo(nn.Module, Method)``) to get the no-op defaults of the optional parts.
-    The engine calls, for each batch: ``forward`` (through DDP with several workers), backward, gradient
-    clipping, ``before_optimizer_step``, the optimizer step, ``after_optimizer_step``. State that must
-    survive a resume lives in buffers or submodules, so ``state_dict()`` holds it: a checkpoint may be taken
-    between any two steps, and a run resumed inside an epoch does not call ``on_epoch_start`` again (derive
-    plain attributes from buffers in a ``load_state_dict`` post-hook, as PCL does).
+    The engine calls, for each batch: ``on_step_start``, ``forward`` (through DDP with several workers),
+    backward, gradient clipping, ``before_optimizer_step``, the optimizer step, ``after_optimizer_step``.
+    State that must survive a resume lives in buffers or submodules, so ``state_dict()`` holds it: a
+    checkpoint may be taken between any two steps, and a run resumed inside an epoch does not call
+    ``on_epoch_start`` again (derive plain attributes from buffers in a ``load_state_dict`` post-hook, as PCL
+    does, or from the step in ``on_step_start``).
     """
 
     backbone: nn.Module  #: the encoder that evaluators use and ``sslcore export`` writes
@@ -360,6 +361,12 @@ class Method(Protocol):
         """Hyperparameters that change over training (BYOL's tau), evaluated by the engine at every step,
         passed to the step hooks in ``TrainingStep.values`` and tracked; read once, at set-up."""
         return {}
+
+    def on_step_start(self, step: TrainingStep) -> None:
+        """Before the forward of every step, with the step about to be taken: for what ``forward`` needs to
+        know of it (SwAV's queue from an epoch on, DINO's teacher temperature). Called on every step, also
+        the first after a resume, so state derived here needs no checkpoint."""
+        return None
 
     def before_optimizer_step(self, step: TrainingStep) -> None:
         """Gradients are ready (unscaled, clipped): e.g. set those of a part frozen for the first steps to

@@ -9,7 +9,8 @@ The learning rate is written as the paper writes it, a base value with a rule (`
 global batch B: ``linear`` lr = base x B / 256 (MoCo, SimSiam, BYOL, Barlow Twins, VICReg, MAE),
 ``sqrt`` lr = base x sqrt(B) (SimCLR's alternative), ``none`` lr = base. Each optimizer step t sets the
 lr of every parameter group to its peak lr times the schedule's factor at t (:class:`Schedule`): linear
-warmup from 0 over ``warmup_epochs``, then cosine from 1 to ``final_lr`` (or constant).
+warmup from 0 over ``warmup_epochs``, then cosine from 1 to ``final_lr``, constant, or ``step``: times
+``gamma`` at each of ``milestones`` (epochs; RotNet's multi-step decay).
 """
 
 from __future__ import annotations
@@ -59,16 +60,23 @@ class TrainConfig(_Model):
         "linear", description="How the optimizer's base lr becomes the lr of global batch B: linear, base x B/256; "
                               "sqrt, base x sqrt(B) (SimCLR); none, the base lr as written.")
     warmup_epochs: float = Field(0, ge=0, description="Linear warmup from 0 to the peak lr over these epochs.")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="After the warmup: cosine decay to "
-                                                                          "final_lr, or constant.")
+    schedule: Literal["cosine", "constant", "step"] = Field(
+        "cosine", description="After the warmup: cosine decay to final_lr, constant, or step: multiplied by gamma "
+                              "at each of milestones.")
+    milestones: list[float] = Field(default_factory=list, description="schedule step: the epochs at which the lr "
+                                                                     "is multiplied by gamma (RotNet: [30, 60, 80]).")
+    gamma: float = Field(0.1, gt=0, description="schedule step: the factor applied at each milestone.")
     final_lr: float = Field(0.0, ge=0, le=1, description="Where the cosine ends, as a fraction of the peak lr "
                                                          "(Barlow Twins, VICReg: 0.001).")
     weight_decay_end: float | None = Field(
         None, ge=0, description="Cosine schedule of the weight decay from the optimizer's value to this one over "
                                 "the run (DINO: 0.04 -> 0.4), for every group that keeps the optimizer's weight "
                                 "decay; default: constant.")
-    grad_clip: float | None = Field(None, gt=0, description="Clip the L2 norm of all gradients to this value before "
+    grad_clip: float | None = Field(None, gt=0, description="Clip the L2 norm of the gradients to this value before "
                                                            "each optimizer step; default: no clipping.")
+    grad_clip_mode: Literal["total", "per_parameter"] = Field(
+        "total", description="total: the norm of all gradients together (torch's clip_grad_norm_); per_parameter: "
+                             "each parameter's gradient on its own (DINO's utils.clip_gradients).")
     param_groups: dict[str, ParamGroup] = Field(
         default_factory=dict, description="Settings per named group: 'bias_and_norm' (every 1-D parameter) and "
                                           "the groups the method names (e.g. SimSiam's 'predictor').")
@@ -104,21 +112,26 @@ class Schedule:
     Over the first ``warmup_epochs`` it rises linearly from ``warmup_start`` to ``start`` (reaching ``start``
     at the last warmup step); then it goes from ``start`` at the first step after the warmup to ``end`` at the
     last step of training, along a half cosine (``end + (start - end)(1 + cos(pi p)) / 2`` at progress p) or a
-    line; ``end`` None keeps ``start``. A pure function of the step: a resumed run, whose step is restored
-    from its checkpoint, gets the values of the uninterrupted one.
+    line; ``end`` None keeps ``start``. Shape ``step`` ignores ``end``: ``start`` times ``gamma`` for each of
+    ``milestones`` (epochs) that the step has reached. A pure function of the step: a resumed run, whose
+    step is restored from its checkpoint, gets the values of the uninterrupted one.
     """
 
     start: float
     end: float | None = None
-    shape: Literal["cosine", "linear"] = "cosine"
+    shape: Literal["cosine", "linear", "step"] = "cosine"
     warmup_epochs: float = 0.0
     warmup_start: float = 0.0
+    milestones: tuple[float, ...] = ()
+    gamma: float = 0.1
 
     def at(self, step: int, steps_per_epoch: int, total_steps: int) -> float:
         """The value at optimizer step ``step`` (0-based) of a run of ``total_steps``."""
         warmup_steps = round(self.warmup_epochs * steps_per_epoch)
         if step < warmup_steps:
             return self.warmup_start + (self.start - self.warmup_start) * (step + 1) / warmup_steps
+        if self.shape == "step":
+            return self.start * self.gamma ** sum(step >= round(m * steps_per_epoch) for m in self.milestones)
         if self.end is None:
             return self.start
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))

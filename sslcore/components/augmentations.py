@@ -10,6 +10,16 @@ Three recipes make two views of every image with random crops and colour distort
 - ``byol``: BYOL (Grill et al. 2020), asymmetric: view 1 always blurred and never solarized, view 2
   blurred with p 0.1 and solarized with p 0.2 (Barlow Twins and VICReg use it too).
 
+two make multi-crop views of different sizes, 2 global crops then V local ones, each group with its own
+side, area range and pipeline:
+
+- ``swav``: SwAV (Caron et al. 2020, facebookresearch/swav ``src/multicropdataset.py``): 2 x 224 px of
+  14-100% and 6 x 96 px of 5-14% of the area, each with SimCLR's colour distortion (jitter 0.8/0.8/0.8/0.2,
+  p 0.8; grayscale 0.2) and blur p 0.5 (DeepCluster v2 uses it too);
+- ``dino``: DINO (Caron et al. 2021, facebookresearch/dino ``main_dino.py`` DataAugmentationDINO): 2 x 224 px
+  of 40-100% (bicubic), the first always blurred, the second blurred with p 0.1 and solarized with p 0.2, and
+  8 x 96 px of 5-40% blurred with p 0.5, all with BYOL's jitter (0.4/0.4/0.2/0.1, p 0.8; grayscale 0.2);
+
 and one makes a single view, for methods that corrupt it themselves:
 
 - ``mae``: MAE (He et al. 2022): a random resized crop of 20-100% of the area (bicubic) and a horizontal
@@ -21,11 +31,11 @@ Gaussian blur is left out below ``blur_min_size`` pixels (SimCLR's CIFAR-10 reci
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
 from sslcore import hookimpl
 from sslcore.api.hookspecs import Augmentation, RegisterAugmentation
@@ -108,6 +118,73 @@ class MAEConfig(BaseModel):
         return scale
 
 
+class MultiCropConfig(BaseModel):
+    """Parameters of a multi-crop recipe (defaults: SwAV's ImageNet crops)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int = Field(224, gt=0, description="Side of the global crops and of the eval crop, in pixels (32 on "
+                                             "CIFAR-10).")
+    scale: tuple[AreaFraction, AreaFraction] = Field(
+        (0.14, 1.0), description="Range of a global crop's area as a fraction of the image.")
+    global_crops: int = Field(2, ge=1, description="Number of global crops (2 in SwAV and DINO).")
+    local_size: int = Field(96, gt=0, description="Side of the local crops in pixels (16 or 18 on CIFAR-10).")
+    local_scale: tuple[AreaFraction, AreaFraction] = Field(
+        (0.05, 0.14), description="Range of a local crop's area as a fraction of the image.")
+    local_crops: int = Field(6, ge=0, description="V, the number of local crops (SwAV 6, DINO 8; 0: none).")
+    color_jitter: tuple[float, float, float, float] = Field(
+        (0.8, 0.8, 0.8, 0.2), description="Brightness, contrast, saturation and hue of the colour jitter (SwAV: "
+                                          "SimCLR's at strength 1; DINO: BYOL's 0.4/0.4/0.2/0.1).")
+    jitter_prob: Probability = Field(0.8, description="Probability of the colour jitter.")
+    grayscale_prob: Probability = Field(0.2, description="Probability of converting to grayscale.")
+    blur_prob: list[Probability] = Field(
+        [0.5, 0.5], description="Probability of Gaussian blur (sigma 0.1-2) in each global crop, in order "
+                                "(DINO: 1.0 and 0.1); at blur_min_size pixels and up.")
+    local_blur_prob: Probability = Field(0.5, description="Probability of Gaussian blur in each local crop.")
+    solarize_prob: list[Probability] = Field(
+        [0.0, 0.0], description="Probability of solarization in each global crop, in order (DINO: 0.0 and 0.2).")
+    local_solarize_prob: Probability = Field(0.0, description="Probability of solarization in each local crop.")
+    interpolation: Literal["bilinear", "bicubic"] = Field(
+        "bilinear", description="Resampling of the random resized crops (SwAV: bilinear, DINO: bicubic).")
+    blur_min_size: int = Field(64, ge=0, description="Crops smaller than this are never blurred (a sigma of up to "
+                                                     "2 px wipes out most of a 32 px image).")
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Per-channel mean for normalization.")
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
+        IMAGENET_STD, description="Per-channel standard deviation for normalization.")
+
+    @field_validator("scale", "local_scale")
+    @classmethod
+    def _ordered(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        if scale[0] > scale[1]:
+            raise ValueError(f"scale is (min, max), got min {scale[0]} > max {scale[1]}")
+        return scale
+
+    @model_validator(mode="after")
+    def _one_probability_per_global_crop(self) -> MultiCropConfig:
+        for key in ("blur_prob", "solarize_prob"):
+            if len(getattr(self, key)) != self.global_crops:
+                raise ValueError(f"{key} needs one probability per global crop: {self.global_crops} "
+                                 f"(global_crops), got {len(getattr(self, key))}")
+        return self
+
+
+class DINOMultiCropConfig(MultiCropConfig):
+    """Parameters of DINO's multi-crop recipe (defaults: DINO's ImageNet crops for ViTs)."""
+
+    scale: tuple[AreaFraction, AreaFraction] = Field(
+        (0.4, 1.0), description="Range of a global crop's area (DINO: 0.4-1 for ViTs, 0.14-1 for ResNet-50).")
+    local_scale: tuple[AreaFraction, AreaFraction] = Field(
+        (0.05, 0.4), description="Range of a local crop's area (DINO: 0.05-0.4 for ViTs, 0.05-0.14 for ResNet-50).")
+    local_crops: int = Field(8, ge=0, description="V, the number of local crops (DINO: 8).")
+    color_jitter: tuple[float, float, float, float] = Field(
+        (0.4, 0.4, 0.2, 0.1), description="Brightness, contrast, saturation and hue of the colour jitter.")
+    blur_prob: list[Probability] = Field(
+        [1.0, 0.1], description="Probability of Gaussian blur in each global crop, in order.")
+    solarize_prob: list[Probability] = Field(
+        [0.0, 0.2], description="Probability of solarization in each global crop, in order.")
+    interpolation: Literal["bilinear", "bicubic"] = Field("bicubic", description="Resampling of the crops.")
+
+
 def _reseed(compose: A.Compose, seed: int) -> None:
     """Seed ``compose``: one numpy and one Python generator, drawn from in turn by each of its transforms
     (albumentations' ``set_random_state``), so that their coin flips are independent.
@@ -126,7 +203,7 @@ class ViewAugmentation(Augmentation):
     two draws of the same pipeline). Subclasses build the pipelines of their recipe, all of one size.
     """
 
-    def __init__(self, view_transforms: list[A.Compose], config: MoCoV2Config | MAEConfig) -> None:
+    def __init__(self, view_transforms: list[A.Compose], config: MoCoV2Config | MAEConfig | MultiCropConfig) -> None:
         import albumentations as A
 
         self.view_transforms = view_transforms
@@ -179,7 +256,7 @@ def _blur(config: MoCoV2Config, p: float) -> list[A.BasicTransform]:
     return [A.GaussianBlur(sigma_limit=(0.1, 2.0), blur_limit=0, p=p)]
 
 
-def _to_tensor(config: MoCoV2Config | MAEConfig) -> list[A.BasicTransform]:
+def _to_tensor(config: MoCoV2Config | MAEConfig | MultiCropConfig) -> list[A.BasicTransform]:
     import albumentations as A
 
     return [A.Normalize(mean=config.mean, std=config.std), A.ToTensorV2()]
@@ -261,9 +338,44 @@ class MAEAugmentation(ViewAugmentation):
         super().__init__([transform], config)
 
 
+class MultiCropAugmentation(ViewAugmentation):
+    """Multi-crop (SwAV, DINO): ``global_crops`` views of side ``size``, then ``local_crops`` of side
+    ``local_size`` (``view_sizes`` in that order), each a random resized crop, a flip, colour jitter, grayscale,
+    blur and solarization with its group's probabilities. The local crops are draws of one pipeline."""
+
+    def __init__(self, config: MultiCropConfig) -> None:
+        import albumentations as A
+        import cv2
+
+        interpolation = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}[config.interpolation]
+        brightness, contrast, saturation, hue = config.color_jitter
+
+        def crop(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> A.Compose:
+            blur = blur_p if size >= config.blur_min_size else 0.0
+            return A.Compose([
+                A.RandomResizedCrop(size=(size, size), scale=scale, interpolation=interpolation),
+                A.HorizontalFlip(p=0.5),
+                A.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+                              p=config.jitter_prob),
+                A.ToGray(p=config.grayscale_prob),
+                *([A.GaussianBlur(sigma_limit=(0.1, 2.0), blur_limit=0, p=blur)] if blur else []),
+                *([A.Solarize(threshold_range=(0.5, 0.5), p=solarize_p)] if solarize_p else []),
+                *_to_tensor(config),
+            ])
+
+        global_views = [crop(config.size, config.scale, blur, solarize)
+                        for blur, solarize in zip(config.blur_prob, config.solarize_prob)]
+        local = crop(config.local_size, config.local_scale, config.local_blur_prob, config.local_solarize_prob)
+        super().__init__([*global_views, *[local] * config.local_crops], config)
+        self.global_crops = config.global_crops
+        self.view_sizes = [config.size] * config.global_crops + [config.local_size] * config.local_crops
+
+
 @hookimpl
 def register_augmentations(register: RegisterAugmentation) -> None:
     register("moco_v2", MoCoV2Augmentation, config=MoCoV2Config)
     register("simclr", SimCLRAugmentation, config=SimCLRConfig)
     register("byol", BYOLAugmentation, config=BYOLConfig)
     register("mae", MAEAugmentation, config=MAEConfig)
+    register("swav", MultiCropAugmentation, config=MultiCropConfig)
+    register("dino", MultiCropAugmentation, config=DINOMultiCropConfig)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sslcore import hookimpl
 from sslcore.api.hookspecs import Clustering, ClusterResult, RegisterClustering
+from sslcore.toolkit.prototypes import sinkhorn
 
 
 class FaissKMeansConfig(BaseModel):
@@ -134,14 +135,10 @@ class SinkhornClustering(Clustering):
         return results
 
     def equipartition(self, scores: torch.Tensor) -> torch.Tensor:
-        """Q: N x K, rows summing to 1/N and columns to 1/K, from similarities ``scores`` (N x K)."""
-        q = torch.exp((scores - scores.max()) / self.config.epsilon).T  # K x N
-        q /= q.sum()
-        k, n = q.shape
-        for _ in range(self.config.sinkhorn_iterations):
-            q /= q.sum(dim=1, keepdim=True) * k  # every cluster gets 1/K of the mass
-            q /= q.sum(dim=0, keepdim=True) * n  # every sample gives 1/N
-        return q.T
+        """Q: N x K, rows summing to 1/N and columns to 1/K, from similarities ``scores`` (N x K): SwAV's
+        Sinkhorn-Knopp (:func:`sslcore.toolkit.prototypes.sinkhorn`) on this process's samples."""
+        q = sinkhorn(scores, self.config.epsilon, self.config.sinkhorn_iterations, global_batch=False)
+        return q / scores.shape[0]
 
 
 @hookimpl

@@ -11,9 +11,11 @@ encoder has the parameter names of ``torchvision.models.VisionTransformer`` and 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
@@ -122,6 +124,15 @@ class ViTConfig(BaseModel):
                            "the outputs of the patch tokens ('mean'), both after the final LayerNorm.")
     depth: int | None = Field(None, ge=1, description="Number of Transformer blocks; default the size's 12. "
                                                       "Fewer for quick tests.")
+    dynamic_img_size: bool = Field(
+        False, description="Accept any image side that patch_size divides: the patches' position embeddings, made "
+                           "for image_size, are interpolated (bicubic) to the image's grid, as DINO's "
+                           "interpolate_pos_encoding and timm's dynamic_img_size; for multi-crop (DINO, SwAV). "
+                           "False: image_size only.")
+    drop_path_rate: float = Field(
+        0.0, ge=0, lt=1, description="Stochastic depth (Huang et al. 2016): block i of the n skips its attention "
+                                     "and MLP branches for a sample with probability drop_path_rate * i / (n - 1) "
+                                     "in training (DINO: 0.1 for ViT-S/16).")
 
     @model_validator(mode="after")
     def _patches_tile_the_image(self) -> ViTConfig:
@@ -154,6 +165,26 @@ def sincos_position_embedding(dim: int, grid_size: int) -> torch.Tensor:
     return torch.cat([encode(x), encode(y)], dim=1).float()  # L x dim
 
 
+def _encoder_block(heads: int, width: int, drop_path: float) -> nn.Module:
+    """torchvision's pre-norm ``EncoderBlock`` (its parameter names), with stochastic depth on both residual
+    branches when ``drop_path`` > 0 (``torchvision.ops.StochasticDepth``, per sample)."""
+    from torchvision.models.vision_transformer import EncoderBlock
+    from torchvision.ops import StochasticDepth
+
+    class DropPathEncoderBlock(EncoderBlock):
+        def __init__(self) -> None:
+            super().__init__(heads, width, 4 * width, dropout=0.0, attention_dropout=0.0)
+            self.drop_path = StochasticDepth(drop_path, "row")
+
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            x = self.ln_1(input)
+            x, _ = self.self_attention(x, x, x, need_weights=False)
+            x = input + self.drop_path(x)
+            return x + self.drop_path(self.mlp(self.ln_2(x)))
+
+    return DropPathEncoderBlock() if drop_path > 0 else EncoderBlock(heads, width, 4 * width, 0.0, 0.0)
+
+
 class VisionTransformerEncoder(nn.Module, PatchEncoder):
     """A Vision Transformer (Dosovitskiy et al. 2021) made of torchvision's pieces: the patch embedding
     ``conv_proj`` (a p x p convolution of stride p), the CLS token ``class_token`` and torchvision's ``Encoder``
@@ -164,7 +195,9 @@ class VisionTransformerEncoder(nn.Module, PatchEncoder):
     their position embeddings, the CLS token plus its own (zero for sin-cos) in front, the blocks and the
     final norm; then the CLS token's output (``pool: cls``) or the mean over the patch tokens (``pool: mean``).
     Methods that encode a subset of the patches (MAE) use the pieces: :meth:`embed_patches`,
-    :attr:`position_embedding`, :attr:`class_token`, :attr:`blocks`, :attr:`norm`.
+    :attr:`position_embedding`, :attr:`class_token`, :attr:`blocks`, :attr:`norm`. With ``dynamic_img_size``
+    it takes any side that p divides (``input_size`` None), the patch position embeddings interpolated to the
+    image's grid (multi-crop: 224 px global and 96 px local crops through one ViT, as DINO's).
 
     The ``state_dict`` has torchvision's names and loads strictly into :func:`plain_torchvision_vit`; with
     ``pool: cls`` that model computes the same features (with ``pool: mean``, the mean of
@@ -178,7 +211,8 @@ class VisionTransformerEncoder(nn.Module, PatchEncoder):
         super().__init__()
         p = config.patch_size
         self.image_size, self.patch_size = config.image_size, p
-        self.input_size = config.image_size
+        self.dynamic_img_size = config.dynamic_img_size
+        self.input_size = None if config.dynamic_img_size else config.image_size
         self.grid_size = config.image_size // p
         self.num_patches = self.grid_size**2  # L
         self.feature_dim = width
@@ -189,6 +223,10 @@ class VisionTransformerEncoder(nn.Module, PatchEncoder):
         self.class_token = nn.Parameter(torch.zeros(1, 1, width))
         self.encoder = Encoder(self.num_patches + 1, depth, heads, width, mlp_dim=4 * width, dropout=0.0,
                                attention_dropout=0.0)
+        if config.drop_path_rate > 0:  # the same names (encoder_layer_i), each block with its own rate
+            rates = [config.drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
+            self.encoder.layers = nn.Sequential(OrderedDict(
+                (f"encoder_layer_{i}", _encoder_block(heads, width, rate)) for i, rate in enumerate(rates)))
         if config.position_embedding == "sincos":
             del self.encoder.pos_embedding  # torchvision's learned parameter becomes a fixed buffer
             cls_and_patches = torch.cat([torch.zeros(1, width), sincos_position_embedding(width, self.grid_size)])
@@ -211,14 +249,31 @@ class VisionTransformerEncoder(nn.Module, PatchEncoder):
 
     def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
         """x: N x 3 x image_size x image_size -> N x L x D, the patch embeddings in row-major order, without
-        position embeddings."""
-        if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.image_size, self.image_size):
+        position embeddings (with ``dynamic_img_size``, N x 3 x H x W, H and W multiples of p: L = HW / p^2)."""
+        p = self.patch_size
+        if self.dynamic_img_size:
+            if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % p or x.shape[3] % p:
+                raise ValueError(f"this ViT takes N x 3 x H x W images with H and W multiples of {p}, got "
+                                 f"{tuple(x.shape)}")
+        elif x.ndim != 4 or tuple(x.shape[1:]) != (3, self.image_size, self.image_size):
             raise ValueError(f"this ViT takes N x 3 x {self.image_size} x {self.image_size} images, got "
                              f"{tuple(x.shape)}; set the encoder's image_size to the augmentation's size")
         return self.conv_proj(x).flatten(2).transpose(1, 2)  # N x D x h x w -> N x L x D
 
+    def patch_position_embedding(self, height: int, width: int) -> torch.Tensor:
+        """1 x (h w) x D: the patches' position embeddings for an h x w grid, interpolated (bicubic, as timm's
+        ``resample_abs_pos_embed``) from the image_size grid when it differs."""
+        table = self.position_embedding[:, 1:]  # 1 x L x D
+        if (height, width) == (self.grid_size, self.grid_size):
+            return table
+        grid = table.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)  # 1 x D x g x g
+        grid = F.interpolate(grid.float(), size=(height, width), mode="bicubic", antialias=True,
+                             align_corners=False).to(table.dtype)
+        return grid.permute(0, 2, 3, 1).reshape(1, height * width, -1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        patches = self.embed_patches(x) + self.position_embedding[:, 1:]  # N x L x D
+        grid = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
+        patches = self.embed_patches(x) + self.patch_position_embedding(*grid)  # N x L x D
         cls = (self.class_token + self.position_embedding[:, :1]).expand(x.shape[0], -1, -1)  # N x 1 x D
         tokens = self.norm(self.blocks(torch.cat([cls, patches], dim=1)))  # N x (1 + L) x D
         return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1)  # N x D

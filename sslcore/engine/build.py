@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from sslcore.api.hookspecs import Augmentation, Method, NegativeSource
+from sslcore.api.hookspecs import Augmentation, Method, NegativeSource, PatchEncoder
 from sslcore.api.recipe import BIAS_AND_NORM, ParamGroup, Schedule, peak_lr
 from sslcore.config import BlockError
 from sslcore.engine.context import MethodContext
@@ -74,12 +74,21 @@ def build_method(experiment: dict[str, Any], registry: Registry, context: Method
 
 
 def check_input_size(method: Method, augmentation: Augmentation) -> None:
-    """An encoder that takes one image size (a ViT) must get it from every view and the eval transform."""
-    size = method.backbone.input_size
-    other = sorted({*augmentation.view_sizes, augmentation.eval_size} - {size}) if size is not None else []
+    """An encoder that takes one image size (a ViT) must get it from every view and the eval transform; one of
+    patches that takes any size (a ViT with dynamic_img_size) must get sizes its patch size divides."""
+    backbone, sizes = method.backbone, {*augmentation.view_sizes, augmentation.eval_size}
+    size = backbone.input_size
+    other = sorted(sizes - {size}) if size is not None else []
     if other:
+        hint = ", or dynamic_img_size: true for multi-crop" if isinstance(backbone, PatchEncoder) else ""
         raise BlockError(("encoder",), f"the encoder takes {size} px images and the augmentation makes {other[0]} px "
-                                       f"ones; make them agree (the encoder's image_size, the augmentation's size)")
+                                       f"ones; make them agree (the encoder's image_size, the augmentation's size"
+                                       f"{hint})")
+    if size is None and isinstance(backbone, PatchEncoder):
+        ragged = sorted(s for s in sizes if s % backbone.patch_size)
+        if ragged:
+            raise BlockError(("encoder",), f"the encoder's patch size {backbone.patch_size} does not divide the "
+                                           f"augmentation's {ragged[0]} px views; use sizes that it divides")
 
 
 # -- optimizer and schedules ----------------------------------------------------------------------------
@@ -95,6 +104,7 @@ class Optimization:
     group_names: list[str]
     weight_decay: Schedule | None  # for the groups that keep the optimizer's weight decay
     grad_clip: float | None
+    grad_clip_mode: str  # "total" or "per_parameter"
 
 
 def parameter_groups(method: Method, method_name: str, train: dict[str, Any], optimizer: dict[str, Any],
@@ -138,7 +148,11 @@ def parameter_groups(method: Method, method_name: str, train: dict[str, Any], op
 
 
 def lr_schedule(train: dict[str, Any]) -> Schedule:
-    """The factor of every group's peak lr: linear warmup from 0, then cosine to ``final_lr`` (or constant)."""
+    """The factor of every group's peak lr: linear warmup from 0, then cosine to ``final_lr``, constant, or
+    times ``gamma`` at each of ``milestones``."""
+    if train["schedule"] == "step":
+        return Schedule(start=1.0, shape="step", milestones=tuple(train["milestones"]), gamma=train["gamma"],
+                        warmup_epochs=train["warmup_epochs"])
     return Schedule(start=1.0, end=train["final_lr"] if train["schedule"] == "cosine" else None,
                     warmup_epochs=train["warmup_epochs"])
 
@@ -161,7 +175,8 @@ def build_optimization(method: Method, experiment: dict[str, Any], registry: Reg
         weight_decay = Schedule(start=block["weight_decay"], end=train["weight_decay_end"])
     return Optimization(optimizer=optimizer, scheduler=scheduler,
                         group_names=[group["group"] for group in optimizer.param_groups],
-                        weight_decay=weight_decay, grad_clip=train["grad_clip"])
+                        weight_decay=weight_decay, grad_clip=train["grad_clip"],
+                        grad_clip_mode=train["grad_clip_mode"])
 
 
 # -- data -------------------------------------------------------------------------------------------------

@@ -122,6 +122,18 @@ def compile_submodules(method: torch.nn.Module) -> None:
             child.compile()
 
 
+def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float, mode: str) -> None:
+    """Clip the gradients' L2 norm to ``max_norm``: of all of them together (``total``, torch's
+    ``clip_grad_norm_``) or of each parameter's on its own (``per_parameter``, DINO's ``utils.clip_gradients``:
+    a gradient of norm n > max_norm is scaled by max_norm / (n + 1e-6))."""
+    if mode == "total":
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    for grad, norm in zip(grads, torch._foreach_norm(grads)):
+        grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
@@ -282,6 +294,7 @@ class Trainer:
                             total_steps=self.total_steps,
                             values={name: schedule.at(self.step, self.steps_per_epoch, self.total_steps)
                                     for name, schedule in self.schedules.items()})
+        self.method.on_step_start(step)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             if self.method.uses_index:
@@ -293,7 +306,7 @@ class Trainer:
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)  # the hooks and the clipping see the true gradients
         if self.optimization.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.optimization.grad_clip)
+            clip_gradients(self.parameters, self.optimization.grad_clip, self.optimization.grad_clip_mode)
         self.method.before_optimizer_step(step)
         if self.optimization.weight_decay is not None:
             weight_decay = self.optimization.weight_decay.at(self.step, self.steps_per_epoch, self.total_steps)
