@@ -59,7 +59,9 @@ class TrainConfig(_Model):
     lr_scaling: LrScaling = Field(
         "linear", description="How the optimizer's base lr becomes the lr of global batch B: linear, base x B/256; "
                               "sqrt, base x sqrt(B) (SimCLR); none, the base lr as written.")
-    warmup_epochs: float = Field(0, ge=0, description="Linear warmup from 0 to the peak lr over these epochs.")
+    warmup_epochs: float = Field(0, ge=0, description="Linear warmup to the peak lr over these epochs.")
+    warmup_start: float = Field(0.0, ge=0, le=1, description="Where the warmup starts, as a fraction of the peak lr "
+                                                             "(SwAV: 0.3 of 4.8, 0.0625).")
     schedule: Literal["cosine", "constant", "step"] = Field(
         "cosine", description="After the warmup: cosine decay to final_lr, constant, or step: multiplied by gamma "
                               "at each of milestones.")

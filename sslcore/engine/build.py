@@ -152,9 +152,9 @@ def lr_schedule(train: dict[str, Any]) -> Schedule:
     times ``gamma`` at each of ``milestones``."""
     if train["schedule"] == "step":
         return Schedule(start=1.0, shape="step", milestones=tuple(train["milestones"]), gamma=train["gamma"],
-                        warmup_epochs=train["warmup_epochs"])
+                        warmup_epochs=train["warmup_epochs"], warmup_start=train["warmup_start"])
     return Schedule(start=1.0, end=train["final_lr"] if train["schedule"] == "cosine" else None,
-                    warmup_epochs=train["warmup_epochs"])
+                    warmup_epochs=train["warmup_epochs"], warmup_start=train["warmup_start"])
 
 
 def build_optimization(method: Method, experiment: dict[str, Any], registry: Registry, steps_per_epoch: int,
