@@ -20,7 +20,7 @@ from sslcore.api.errors import UserError
 from sslcore.api.hookspecs import PairedLoss
 from sslcore.api.recipe import TrainingStep
 from sslcore.engine.context import EvalContext, MethodContext
-from sslcore.registry import KIND_PROTOCOLS, Registry, missing_members
+from sslcore.registry import KIND_PROTOCOLS, LOSS_CALLS, Registry, declared_loss_call, missing_members
 
 
 def _image(seed: int = 0, size: int = 32) -> np.ndarray:
@@ -96,6 +96,12 @@ def _check_negative_source(registry: Registry, name: str, build: Callable[..., A
 def _check_loss(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
     loss_fn = build({})
     _meets(name, "loss", loss_fn)
+    call = declared_loss_call(registry.get("loss", name).provides or type(loss_fn))
+    if call not in LOSS_CALLS:  # a plugin's own call: its method's contract runs it (through forward)
+        if not isinstance(loss_fn, call):
+            raise AssertionError(f"{name}: the loss lacks {', '.join(missing_members(loss_fn, call))} of "
+                                 f"{call.__name__}")
+        return
     q = torch.nn.functional.normalize(torch.randn(4, 8), dim=1).requires_grad_()
     k = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
     if registry.get("loss", name).meets(PairedLoss):  # loss(z1, z2), as its class declares

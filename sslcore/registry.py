@@ -63,8 +63,22 @@ KIND_PROTOCOLS: dict[str, type] = {
     "clustering": Clustering, "evaluator": Evaluator, "dataset": Dataset, "method": Method,
 }
 
-#: the two calls a loss may have; every loss declares one by subclassing it
+#: the two calls the core knows; every loss declares one of them, or a refinement of Loss of its plugin's own
 LOSS_CALLS = (ContrastiveLoss, PairedLoss)
+
+
+def declared_loss_call(cls: type | None) -> type | None:
+    """The protocol by which a loss class declares its call: ContrastiveLoss, PairedLoss, or another runtime
+    protocol refining Loss that the class subclasses (SwAV's SwappedPredictionLoss); None when it declares
+    none."""
+    for base in getattr(cls, "__mro__", ()):
+        if base in LOSS_CALLS:
+            return base
+    for base in getattr(cls, "__mro__", ()):
+        if base is not Loss and getattr(base, "_is_protocol", False) and issubclass(base, Loss) \
+                and "forward" in vars(base):
+            return base
+    return None
 
 BUILTIN_MODULES = (
     "sslcore.components.augmentations",
@@ -256,10 +270,10 @@ class Registry:
             if config is not None and not (isinstance(config, type) and issubclass(config, BaseModel)):
                 raise TypeError(f"{hook}: config for '{name}' must be a pydantic model class")
             provides = provides or (factory if isinstance(factory, type) else None)
-            if kind == "loss" and not any(call in getattr(provides, "__mro__", ()) for call in LOSS_CALLS):
+            if kind == "loss" and declared_loss_call(provides) is None:
                 raise TypeError(f"loss '{name}': declare its call by subclassing sslcore.api.hookspecs."
-                                "ContrastiveLoss (loss(q, k, negatives, exclude)) or PairedLoss (loss(z1, z2)), "
-                                "or pass provides= that class")
+                                "ContrastiveLoss (loss(q, k, negatives, exclude)), PairedLoss (loss(z1, z2)) or "
+                                "a Protocol refining Loss that declares forward, or pass provides= that class")
             if kind == "optimizer" and not {"lr", "weight_decay"} <= set(getattr(config, "model_fields", {})):
                 raise TypeError(f"optimizer '{name}': its config must have 'lr' and 'weight_decay' fields")
             slots, recipe = _method_declarations(name, method) if kind == "method" else ({}, {})

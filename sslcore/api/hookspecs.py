@@ -171,7 +171,10 @@ def register_negative_sources(register: RegisterNegativeSource) -> None:
 @runtime_checkable
 class Loss(Protocol):
     """A loss (an ``nn.Module`` returning a 0-dim tensor); declare its call by subclassing
-    :class:`ContrastiveLoss` or :class:`PairedLoss`. Inputs may be bf16 or fp16 under autocast: compute in
+    :class:`ContrastiveLoss` or :class:`PairedLoss`, or a ``runtime_checkable`` Protocol of the plugin's own
+    that refines Loss and declares ``forward`` (SwAV's swapped prediction over the crops' scores and codes,
+    DINO's cross-entropy of student and teacher crops): the method's slot then names that protocol, and the
+    contract runs the loss through the method. Inputs may be bf16 or fp16 under autocast: compute in
     float32 where precision matters (logits over a small temperature)."""
 
     def metrics(self) -> dict[str, Tensor]:
