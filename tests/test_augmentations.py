@@ -115,3 +115,52 @@ def test_byol_views_are_asymmetric_and_simclr_scales_its_jitter(registry: Regist
     jitter = next(t for t in simclr.view_transforms[0].transforms if isinstance(t, A.ColorJitter))
     assert jitter.p == 0.8
     assert tuple(jitter.brightness) == pytest.approx((0.6, 1.4)) and tuple(jitter.hue) == pytest.approx((-0.1, 0.1))
+
+
+def test_multi_crop_recipes_are_those_of_swav_and_dino(registry: Registry) -> None:
+    """facebookresearch/swav src/multicropdataset.py (2 x 224 of 0.14-1, 6 x 96 of 0.05-0.14, blur p 0.5 and
+    SimCLR's jitter everywhere) and facebookresearch/dino main_dino.py DataAugmentationDINO (2 x 224 of 0.4-1,
+    blur 1.0 / 0.1, solarize 0 / 0.2; 8 x 96 of 0.05-0.4, blur 0.5; BYOL's jitter; bicubic)."""
+    def steps(transform: A.Compose) -> dict[str, A.BasicTransform]:
+        return {type(t).__name__: t for t in transform.transforms}
+
+    swav = registry.build("augmentation", {"name": "swav"})
+    assert swav.view_sizes == [224] * 2 + [96] * 6 and swav.eval_size == 224
+    crops = [steps(t) for t in swav.view_transforms]
+    assert [tuple(c["RandomResizedCrop"].scale) for c in crops] == [(0.14, 1.0)] * 2 + [(0.05, 0.14)] * 6
+    assert all(c["GaussianBlur"].p == 0.5 and "Solarize" not in c for c in crops)
+    jitter = crops[0]["ColorJitter"]
+    assert jitter.p == 0.8 and tuple(jitter.brightness) == pytest.approx((0.2, 1.8))
+    assert tuple(jitter.hue) == pytest.approx((-0.2, 0.2)) and crops[0]["ToGray"].p == 0.2
+
+    dino = registry.build("augmentation", {"name": "dino"})
+    assert dino.view_sizes == [224] * 2 + [96] * 8
+    crops = [steps(t) for t in dino.view_transforms]
+    assert [tuple(c["RandomResizedCrop"].scale) for c in crops] == [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 8
+    assert [c["GaussianBlur"].p for c in crops] == [1.0, 0.1] + [0.5] * 8
+    assert [c["Solarize"].p if "Solarize" in c else 0.0 for c in crops] == [0.0, 0.2] + [0.0] * 8
+    assert all(c["RandomResizedCrop"].interpolation == 2 for c in crops)  # cv2.INTER_CUBIC
+    assert tuple(crops[0]["ColorJitter"].saturation) == pytest.approx((0.8, 1.2))
+
+
+def test_multi_crop_views_have_their_group_sizes_and_repeat_with_the_seed(registry: Registry) -> None:
+    dino = registry.build("augmentation", {"name": "dino", "size": 32, "local_size": 16, "local_crops": 4})
+    image = np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    dino.set_seed(7)
+    views = dino.views(image)
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 4
+    assert all(v.dtype == torch.float32 for v in views)
+    dino.set_seed(7)
+    assert all(torch.equal(a, b) for a, b in zip(views, dino.views(image)))
+    assert not torch.equal(views[2], views[3])  # each local crop is a draw of its own
+    # below blur_min_size (64 px) no crop is blurred; the solarization of the second global crop stays
+    names = [{type(t).__name__ for t in transform.transforms} for transform in dino.view_transforms]
+    assert all("GaussianBlur" not in n for n in names) and "Solarize" in names[1]
+
+
+def test_multi_crop_needs_one_probability_per_global_crop(registry: Registry) -> None:
+    from sslcore.components.augmentations import MultiCropConfig
+
+    with pytest.raises(ValidationError, match="blur_prob needs one probability per global crop: 3"):
+        MultiCropConfig(global_crops=3)
+    assert MultiCropConfig(global_crops=1, blur_prob=[1.0], solarize_prob=[0.0], local_crops=0).local_crops == 0

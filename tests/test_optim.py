@@ -158,3 +158,46 @@ def test_fixed_groups_stay_at_their_peak_and_the_rest_follows_the_schedule() -> 
         optimization.optimizer.step()
         optimization.scheduler.step()
     assert optimization.weight_decay == Schedule(start=1e-4, end=1e-3)
+
+
+def test_a_step_schedule_multiplies_by_gamma_at_each_milestone() -> None:
+    train = TrainConfig(schedule="step", milestones=[2, 3.5], gamma=0.2, warmup_epochs=1, warmup_start=0.25)
+    from sslcore.engine.build import lr_schedule
+
+    schedule = lr_schedule(train.model_dump())
+    steps_per_epoch, total = 4, 20
+    factors = [schedule.at(k, steps_per_epoch, total) for k in range(total)]
+    # warmup over epoch 0 from 0.25 (reaching 1 at its last step), then 1 until epoch 2 (step 8), 0.2 until
+    # epoch 3.5 (step 14), then 0.04
+    expected = [0.25 + 0.75 * (k + 1) / 4 for k in range(4)] + [1.0] * 4 + [0.2] * 6 + [0.04] * 6
+    assert factors == pytest.approx(expected)
+
+
+def test_warmup_starts_at_its_fraction_of_the_peak() -> None:
+    from sslcore.engine.build import lr_schedule
+
+    schedule = lr_schedule(TrainConfig(warmup_epochs=2, warmup_start=0.0625, final_lr=0.001).model_dump())
+    assert schedule.at(0, 5, 50) == pytest.approx(0.0625 + (1 - 0.0625) / 10)
+    assert schedule.at(9, 5, 50) == pytest.approx(1.0)
+    assert schedule.at(49, 5, 50) == pytest.approx(0.001 + 0.999 * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
+
+
+def test_per_parameter_clipping_scales_each_gradient_above_the_bound_on_its_own() -> None:
+    from sslcore.engine.loop import clip_gradients
+
+    grads = [[3.0, 4.0], [0.3, 0.4], [0.0, 12.0]]  # norms 5, 0.5, 12
+    params = [nn.Parameter(torch.zeros(2)) for _ in grads]
+    for p, g in zip(params, grads):
+        p.grad = torch.tensor(g)
+    clip_gradients(params, 1.0, "per_parameter")
+    # DINO's utils.clip_gradients: g * clip / (||g|| + 1e-6) where that factor is below 1
+    for p, g in zip(params, grads):
+        norm = math.sqrt(sum(x * x for x in g))
+        factor = min(1.0, 1.0 / (norm + 1e-6))
+        assert p.grad.tolist() == pytest.approx([x * factor for x in g])
+    for p, g in zip(params, grads):
+        p.grad = torch.tensor(g)
+    clip_gradients(params, 1.0, "total")  # the norm of all of them together: sqrt(25 + 0.25 + 144)
+    total = math.sqrt(25 + 0.25 + 144)
+    for p, g in zip(params, grads):
+        assert p.grad.tolist() == pytest.approx([x / total for x in g], rel=1e-5)

@@ -123,7 +123,27 @@ def test_an_encoder_for_one_image_size_and_views_of_another(tmp_path: Path, data
         """, *MOCO_SIMCLR)
     assert code == 2
     assert lines == [f"error: {path}:2: encoder: the encoder takes 32 px images and the augmentation makes 64 px "
-                     "ones; make them agree (the encoder's image_size, the augmentation's size)"]
+                     "ones; make them agree (the encoder's image_size, the augmentation's size, or "
+                     "dynamic_img_size: true for multi-crop)"]
+
+
+def test_a_vit_of_any_size_needs_views_its_patch_size_divides(tmp_path: Path, data: str) -> None:
+    code, lines, path = validate(tmp_path, f"""
+        method: moco
+        encoder: {{name: vit_tiny, image_size: 32, patch_size: 8, depth: 1, dynamic_img_size: true}}
+        augmentation: {{name: swav, size: 32, local_size: 12}}
+        {data}
+        """, *MOCO_SIMCLR)
+    assert code == 2
+    assert lines == [f"error: {path}:2: encoder: the encoder's patch size 8 does not divide the augmentation's "
+                     "12 px views; use sizes that it divides"]
+    code, lines, path = validate(tmp_path, f"""
+        method: moco
+        encoder: {{name: vit_tiny, image_size: 32, patch_size: 8, depth: 1, dynamic_img_size: true}}
+        augmentation: {{name: swav, size: 32, local_size: 16}}
+        {data}
+        """, *MOCO_SIMCLR)
+    assert (code, lines) == (0, []), lines
 
 
 def test_an_unknown_parameter_group(tmp_path: Path, data: str) -> None:

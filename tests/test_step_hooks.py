@@ -1,5 +1,6 @@
-"""The engine around a method's step: before_optimizer_step sees the gradients and can freeze a part (SwAV's
-prototypes, DINO's last layer), gradient clipping bounds the step, a plugin adds an optimizer. Real runs of
+"""The engine around a method's step: on_step_start tells forward the step, before_optimizer_step sees the
+gradients and can freeze a part (SwAV's prototypes, DINO's last layer), gradient clipping bounds the step, a
+plugin adds an optimizer. Real runs of
 ``sslcore run`` on real images, with a method written here as a plugin module."""
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ class Toy(torch.nn.Module, Method):
         now = torch.cat([p.detach().flatten() for p in self.parameters()])
         return {"loss": self.head(self.backbone(views[0])).float().square().mean(),
                 "head_change": (self.head.weight - self.head_start).abs().sum().detach(),
-                "change": (now - self.start).norm()}
+                "change": (now - self.start).norm(), "step_seen": torch.tensor(float(self.step_seen))}
+
+    def on_step_start(self, step):
+        self.step_seen = step.index
 
     def before_optimizer_step(self, step):
         if step.index < self.frozen_steps:
@@ -87,6 +91,11 @@ def test_before_optimizer_step_freezes_a_part_for_the_first_steps(tmp_path: Path
     # forward k sees the weights after k steps: steps 0 and 1 left the head alone, step 2 moved it
     assert [r["head_change"] == 0 for r in records] == [True, True, True, False]
     assert records[1]["change"] > 0  # the backbone trained meanwhile
+
+
+def test_on_step_start_tells_forward_the_step_it_is_part_of(tmp_path: Path, cifar10_subset: dict) -> None:
+    records = run_toy(tmp_path, cifar10_subset["train"], "steps", "toy", "lr_scaling: none")
+    assert [r["step_seen"] for r in records] == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_grad_clip_bounds_every_step(tmp_path: Path, cifar10_subset: dict) -> None:

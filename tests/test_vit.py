@@ -142,3 +142,38 @@ def test_an_image_of_another_size_is_a_clear_error() -> None:
 def test_a_patch_size_that_does_not_divide_the_image_size_is_a_config_error(registry: Registry) -> None:
     with pytest.raises(ValidationError, match="patch_size 16 does not divide image_size 40; use a divisor of it"):
         registry.build("encoder", {"name": "vit_tiny", "image_size": 40, "patch_size": 16})
+
+
+def test_a_dynamic_vit_interpolates_its_position_embeddings_to_other_sizes() -> None:
+    import torch.nn.functional as F
+
+    model = tiny(dynamic_img_size=True, position_embedding="learned").eval()
+    assert model.input_size is None
+    static = tiny(position_embedding="learned").eval()
+    static.load_state_dict(model.state_dict())
+    x = images()
+    torch.testing.assert_close(model(x), static(x))  # the native size: the same features
+    small = torch.randn(2, 3, 8, 12)  # a 2 x 3 grid of 4 px patches
+    assert model(small).shape == (2, 192)
+    # the 4 x 4 table resampled bicubically to 2 x 3 (timm's resample_abs_pos_embed), row-major
+    table = model.position_embedding[:, 1:].reshape(1, 4, 4, 192).permute(0, 3, 1, 2)
+    expected = F.interpolate(table, size=(2, 3), mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(model.patch_position_embedding(2, 3), expected.permute(0, 2, 3, 1).reshape(1, 6, 192))
+    with pytest.raises(ValueError, match="multiples of 4"):
+        model(torch.randn(1, 3, 10, 12))
+
+
+def test_drop_path_drops_whole_branches_per_sample_in_training_only() -> None:
+    torch.manual_seed(0)
+    model = tiny(drop_path_rate=0.5, depth=3)
+    blocks = list(model.blocks)
+    assert [block.drop_path.p for block in blocks] == [0.0, 0.25, 0.5]  # linear over the blocks
+    plain = tiny(depth=3)
+    assert plain.load_state_dict(model.state_dict()) is not None  # the same parameter names
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model(images()), plain(images()))  # no drop in eval mode
+    model.train()
+    outputs = [model(images(8)) for _ in range(2)]
+    assert not torch.equal(*outputs)  # a different set of samples skips the last blocks' branches
+    exported = plain_torchvision_vit("vit_tiny", SIZE, PATCH, depth=3)
+    exported.load_state_dict(model.state_dict())

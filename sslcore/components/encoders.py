@@ -166,8 +166,8 @@ def sincos_position_embedding(dim: int, grid_size: int) -> torch.Tensor:
 
 
 def _encoder_block(heads: int, width: int, drop_path: float) -> nn.Module:
-    """torchvision's pre-norm ``EncoderBlock`` (its parameter names), with stochastic depth on both residual
-    branches when ``drop_path`` > 0 (``torchvision.ops.StochasticDepth``, per sample)."""
+    """torchvision's pre-norm ``EncoderBlock`` (its parameter names), with stochastic depth of rate
+    ``drop_path`` on both residual branches (``torchvision.ops.StochasticDepth``, per sample)."""
     from torchvision.models.vision_transformer import EncoderBlock
     from torchvision.ops import StochasticDepth
 
@@ -182,7 +182,7 @@ def _encoder_block(heads: int, width: int, drop_path: float) -> nn.Module:
             x = input + self.drop_path(x)
             return x + self.drop_path(self.mlp(self.ln_2(x)))
 
-    return DropPathEncoderBlock() if drop_path > 0 else EncoderBlock(heads, width, 4 * width, 0.0, 0.0)
+    return DropPathEncoderBlock()
 
 
 class VisionTransformerEncoder(nn.Module, PatchEncoder):
