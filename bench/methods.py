@@ -1,13 +1,13 @@
 """The method plugins side by side at equal budget: kNN top-1, training img/s and peak memory of MoCo,
-PCL, SimCLR, BYOL, SimSiam, Barlow Twins, VICReg and MAE.
+PCL, SimCLR, BYOL, SimSiam, Barlow Twins, VICReg, MAE, SwAV, DeepCluster v2, DINO, NNCLR, RotNet and Jigsaw.
 
 Each method runs its own CIFAR-10 example (examples/<method>_cifar10.yaml: its head, loss, augmentation
 and optimizer as the recipe has them) with the same budget put over it: the quality benchmark's network
 (ResNet-18 with torchvision's stem at 32 px; MAE, which needs a ViT, keeps its example's ViT-Tiny), the
 same subset of the training images, the same epochs, batch size and warm-up, the recipe's base learning
-rate scaled to the batch size by its rule (linear for all of them, the papers'), in-process (backend
-local). A method's own epoch counts (PCL's warm-up before the first E-step) keep their share of the
-example's epochs.
+rate scaled to the batch size by its rule, in-process (backend local). A method's own epoch counts (PCL's
+warm-up before the first E-step, SwAV's epoch the queue starts at, DINO's teacher-temperature warm-up)
+keep their share of the example's epochs.
 Scored at the end by kNN (k 200, tau 0.1) on the 10,000 test images.
 A quality run whose folder holds a finished run is not repeated (delete bench/runs/NAME to redo it).
 
@@ -35,7 +35,10 @@ import yaml
 from harness import CIFAR, HERE, RESULTS, median, save
 
 REPO = HERE.parent
-METHODS = ["moco", "pcl", "simclr", "byol", "simsiam", "barlowtwins", "vicreg", "mae"]
+METHODS = ["moco", "pcl", "simclr", "byol", "simsiam", "barlowtwins", "vicreg", "mae", "swav", "deepclusterv2", "dino",
+           "nnclr", "rotnet", "jigsaw"]
+#: method keys counted in epochs, scaled with the budget's epochs
+EPOCH_KEYS = ("warmup_epochs", "epoch_queue_starts", "warmup_teacher_temp_epochs", "freeze_last_layer")
 EPOCH_LINE = re.compile(r"sslcore: epoch (\d+)/\d+ .*?img_per_s=([\d.e+-]+)")
 KNN = {"name": "knn", "k": 200, "temperature": 0.1, "every_epochs": 0,
        "data": {"name": "image_folder", "root": str(CIFAR / "test")}}
@@ -45,8 +48,9 @@ def budget_config(method: str, args: argparse.Namespace) -> Path:
     """The method's example with the common budget put over it, written to bench/runs/."""
     config = yaml.safe_load((REPO / "examples" / f"{method}_cifar10.yaml").read_text())
     train = config["train"]  # its base lr is scaled to the budget's batch by the recipe's lr_scaling (linear)
-    if "warmup_epochs" in config["method"]:  # PCL's InfoNCE-only epochs: the same share of the run
-        config["method"]["warmup_epochs"] = round(config["method"]["warmup_epochs"] * args.epochs / train["epochs"])
+    for key in EPOCH_KEYS:  # PCL's InfoNCE-only epochs, SwAV's queue start...: the same share of the run
+        if key in config["method"]:
+            config["method"][key] = round(config["method"][key] * args.epochs / train["epochs"])
     if not config["encoder"]["name"].startswith("vit"):
         config["encoder"] = {"name": "resnet18", "cifar_stem": False}
     config.update(name=f"methods_{method}", seed=args.seed, output_dir="bench/runs", evaluators=[KNN],
