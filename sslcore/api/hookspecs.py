@@ -131,7 +131,8 @@ def register_encoders(register: RegisterEncoder) -> None:
 class NegativeSource(Protocol):
     """Negatives for a contrastive loss (an ``nn.Module``: its state is in buffers, so checkpoints carry it).
 
-    ``q``, ``k``: N x D, this worker's queries and their positive keys, L2-normalised float32, detached keys;
+    ``q``, ``k``: N x D, this worker's queries and their positive keys, L2-normalised float32, the keys
+    detached unless the method trains through them (NNCLR's keys are the other view's predictions);
     ``index``: N long, the dataset ids of the batch's images (row i of q and k is image ``index[i]``), given
     by methods that declare ``uses_index`` and None otherwise.
     """
@@ -149,8 +150,9 @@ class NegativeSource(Protocol):
         so that every worker holds the same state."""
 
     def positive(self, k: Tensor, index: Tensor | None = None) -> Tensor:
-        """N x D, the positive each query is contrasted with: ``k`` itself, or what the source keeps of the
-        image (a memory bank: each image's own entry, as InstDisc)."""
+        """N x D, the positive each query is contrasted with: ``k`` itself, what the source keeps of the
+        image (a memory bank: each image's own entry, as InstDisc), or what stands in for it (a support set:
+        the nearest neighbour of each row, as NNCLR)."""
         return k
 
 
