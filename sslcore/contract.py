@@ -190,6 +190,9 @@ def _check_method(registry: Registry, name: str, build: Callable[..., Any], tmp:
     component = registry.get("method", name)
     if "image_size" in component.slots["encoder"].default:
         overrides["encoder"] = {"image_size": 32}
+    augmentation = registry.get("augmentation", component.slots["augmentation"].default["name"])
+    if "local_size" in augmentation.config.model_fields:  # multi-crop: small local crops too
+        overrides["augmentation"]["local_size"] = 16
     experiment = resolve({"method": name, "data": data, **overrides}, registry).as_dict()
     context = MethodContext(world_size=1, rank=0, global_batch_size=batch, steps_per_epoch=2, epochs=1,
                             device=torch.device("cpu"), dataset_size=batch, registry=registry)

@@ -169,7 +169,9 @@ def _resolved_yaml(resolved: Resolved, method: object) -> str:
     rule = {"linear": f"x {batch}/256", "sqrt": f"x sqrt({batch})", "none": "(no scaling)"}[train["lr_scaling"]]
     lines = [f"# {resolved.source}, resolved: the method's recipe and slot defaults under the file's values",
              f"# peak lr = base lr {rule} (train.lr_scaling: {train['lr_scaling']}), then warmup "
-             f"{train['warmup_epochs']:g} epochs and {train['schedule']} schedule "
+             f"{train['warmup_epochs']:g} epochs"
+             + (f" from {train['warmup_start']:g} x peak" if train["warmup_start"] else "")
+             + f" and {train['schedule']} schedule "
              + (f"x {train['gamma']:g} at epochs {', '.join(f'{m:g}' for m in train['milestones'])}"
                 if train["schedule"] == "step" else f"to {train['final_lr']:g} x peak")]
     for group in parameter_groups(method, experiment["method"]["name"], train, optimizer, batch):
