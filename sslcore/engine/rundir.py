@@ -288,6 +288,7 @@ class RunDir:
         (self.path / self.ERROR).unlink(missing_ok=True)
 
     def _write_json(self, name: str, payload: dict[str, Any]) -> None:
-        temporary = self.path / f".{name}.tmp"
+        # one temporary file per process: every worker that hits the same error writes the error file at once
+        temporary = self.path / f".{name}.{os.getpid()}.tmp"
         temporary.write_text(json.dumps(payload, indent=2))
         temporary.replace(self.path / name)
