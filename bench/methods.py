@@ -39,6 +39,9 @@ METHODS = ["moco", "pcl", "simclr", "byol", "simsiam", "barlowtwins", "vicreg", 
            "nnclr", "rotnet", "jigsaw"]
 #: method keys counted in epochs, scaled with the budget's epochs
 EPOCH_KEYS = ("warmup_epochs", "epoch_queue_starts", "warmup_teacher_temp_epochs", "freeze_last_layer")
+#: method keys counted in optimizer steps (SwAV's frozen prototypes), scaled with the budget's steps
+STEP_KEYS = ("freeze_prototypes_niters", "freeze_prototypes_steps")
+CIFAR_TRAIN_IMAGES = 50_000  # what the examples train on
 EPOCH_LINE = re.compile(r"sslcore: epoch (\d+)/\d+ .*?img_per_s=([\d.e+-]+)")
 KNN = {"name": "knn", "k": 200, "temperature": 0.1, "every_epochs": 0,
        "data": {"name": "image_folder", "root": str(CIFAR / "test")}}
@@ -48,9 +51,17 @@ def budget_config(method: str, args: argparse.Namespace) -> Path:
     """The method's example with the common budget put over it, written to bench/runs/."""
     config = yaml.safe_load((REPO / "examples" / f"{method}_cifar10.yaml").read_text())
     train = config["train"]  # its base lr is scaled to the budget's batch by the recipe's lr_scaling (linear)
+    share = args.epochs / train["epochs"]
     for key in EPOCH_KEYS:  # PCL's InfoNCE-only epochs, SwAV's queue start...: the same share of the run
         if key in config["method"]:
-            config["method"][key] = round(config["method"][key] * args.epochs / train["epochs"])
+            config["method"][key] = round(config["method"][key] * share)
+    steps = args.epochs * (args.per_class * 10 // args.batch_size)
+    example_steps = train["epochs"] * (CIFAR_TRAIN_IMAGES // train["batch_size"])
+    for key in STEP_KEYS:
+        if key in config["method"]:
+            config["method"][key] = round(config["method"][key] * steps / example_steps)
+    if train.get("milestones"):  # a step schedule's epochs (RotNet, Jigsaw): the same shares of the run
+        train["milestones"] = [m * share for m in train["milestones"]]
     if not config["encoder"]["name"].startswith("vit"):
         config["encoder"] = {"name": "resnet18", "cifar_stem": False}
     config.update(name=f"methods_{method}", seed=args.seed, output_dir="bench/runs", evaluators=[KNN],
@@ -103,9 +114,19 @@ def speed(method: str, config: Path, rep: int, steps: int) -> dict[str, float]:
     return {"img_s": median(windows), "peak_rss_mib": usage["peak_rss_mib"]}
 
 
-def floor(config: Path) -> float:
-    """kNN top-1 of the randomly initialised encoder (the same network for every method): the floor."""
-    name = "methods_floor"
+def network(config: Path) -> str:
+    """What sets a method's floor: its encoder block and the side its evaluators see (Jigsaw's 96 px)."""
+    from sslcore.registry import Registry
+
+    experiment = yaml.safe_load(config.read_text())
+    registry = Registry(autoload=True)
+    eval_size = registry.build("augmentation", experiment["augmentation"]).eval_size
+    return json.dumps({"encoder": experiment["encoder"], "eval_size": eval_size}, sort_keys=True)
+
+
+def floor(config: Path, tag: int) -> float:
+    """kNN top-1 of the randomly initialised encoder at the method's eval size: the floor."""
+    name = f"methods_floor_{tag}"
     shutil.rmtree(HERE / "runs" / name, ignore_errors=True)
     sslcore_run(config, HERE / "runs" / f"{name}.log", f"name={name}", "train.epochs=1",
                 "train.max_steps_per_epoch=1", "train.eval_at_start=true")
@@ -144,9 +165,14 @@ def main() -> None:
     same = all(earlier.get("budget", {}).get(k) == v for k, v in budget.items())
     rows: dict[str, dict] = {m: {**(earlier["runs"].get(m, {}) if same else {}),
                                  "trainable_params_m": parameters(m, c)} for m, c in configs.items()}
-    knn_floor = earlier.get("knn_floor") if same else None
-    if "floor" not in args.skip:
-        knn_floor = floor(configs[args.methods[0]])
+    if "floor" not in args.skip:  # one floor per network and eval size (ResNet-18 at 32 px; MAE's ViT; Jigsaw)
+        networks = {method: network(config) for method, config in configs.items()}
+        floors: dict[str, float] = {}
+        for method, key in networks.items():
+            if key not in floors:
+                floors[key] = floor(configs[method], len(floors))
+            rows[method]["knn_floor"] = floors[key]
+    knn_floor = rows[args.methods[0]].get("knn_floor")
     if "quality" not in args.skip:
         for method, config in configs.items():
             rows[method].update(quality(method, config))
@@ -160,11 +186,12 @@ def main() -> None:
             rows[method].update(img_s=median([r["img_s"] for r in runs]), img_s_reps=[r["img_s"] for r in runs],
                                 peak_rss_mib=max(r["peak_rss_mib"] for r in runs))
     print(f"\n{args.per_class * 10} CIFAR-10 images, {args.epochs} epochs, batch {args.batch_size}, "
-          f"ResNet-18 at 32 px, kNN on the 10,000 test images; random-init floor {knn_floor}\n")
-    print("| method | kNN top-1 | img/s | peak memory (RSS) | trainable params |")
-    print("|---|---|---|---|---|")
+          f"ResNet-18 at 32 px, kNN on the 10,000 test images; random-init floor of ResNet-18 at 32 px {knn_floor}\n")
+    print("| method | kNN top-1 | its floor | img/s | peak memory (RSS) | trainable params |")
+    print("|---|---|---|---|---|---|")
     for method, row in rows.items():
         knn = f"{row['knn_top1']:.4f}" if "knn_top1" in row else "-"
+        knn += f" | {row['knn_floor']:.4f}" if "knn_floor" in row else " | -"
         img_s = f"{row['img_s']:.0f}" if "img_s" in row else "-"
         rss = f"{row['peak_rss_mib'] / 1024:.2f} GiB" if "peak_rss_mib" in row else "-"
         print(f"| {method} | {knn} | {img_s} | {rss} | {row['trainable_params_m']:.1f} M |")
