@@ -130,7 +130,7 @@ def test_the_support_set_is_a_fifo_queue_of_the_latest_embeddings() -> None:
 
 
 def test_the_support_set_size_must_be_a_multiple_of_the_global_batch() -> None:
-    with pytest.raises(ValueError, match=r"support set size 20 is not a multiple of the global batch size 8 "
+    with pytest.raises(ValueError, match=r"queue size 20 is not a multiple of the global batch size 8 "
                                          r"\(train\.batch_size\): use 16 or 24"):
         support_set(size=20)
 

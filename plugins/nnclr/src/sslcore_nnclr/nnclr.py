@@ -44,50 +44,33 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from sslcore.api.hookspecs import Method, NegativeSource, Slots
-from sslcore.toolkit.distributed import concat_all_gather, gather_with_grad, rank
+from sslcore.api.hookspecs import Method, Slots
+from sslcore.components.negatives import QueueConfig, QueueNegatives
+from sslcore.toolkit.distributed import gather_with_grad, rank
 from sslcore.toolkit.heads import MLPHead
 
 if TYPE_CHECKING:
     from sslcore.engine.context import MethodContext
 
 
-class SupportSetConfig(BaseModel):
+class SupportSetConfig(QueueConfig):
     """The ``negatives: {name: support_set, ...}`` block."""
-
-    model_config = ConfigDict(extra="forbid")
 
     size: int = Field(98304, gt=0, description="|Q|, the number of past embeddings kept (98,304 in the paper, "
                                                "65,536 in solo-learn); a multiple of the global batch size "
                                                "(train.batch_size).")
 
 
-class SupportSet(nn.Module, NegativeSource):
-    """NNCLR's support set Q: a FIFO queue of the |Q| latest embeddings z of all workers, and its lookups.
-
-    ``queue`` (|Q| x D, float32) starts as random unit vectors, as the paper's random initial matrix;
-    ``ptr`` is where the next global batch is written. Both are buffers, so a checkpoint carries them, and
-    every worker holds the same queue (it enqueues the gathered embeddings).
+class SupportSet(QueueNegatives):
+    """NNCLR's support set Q: MoCo's FIFO queue of the |Q| latest embeddings z of all workers (sslcore's
+    ``queue`` negative source: ``queue`` |Q| x D float32 from random unit vectors, as the paper's random
+    initial matrix, ``ptr``, both buffers, every worker enqueueing the gathered embeddings), with NNCLR's
+    lookups.
 
     Against :class:`sslcore.api.hookspecs.NegativeSource`: ``positive(k)`` is not k but its nearest
     neighbour in Q, and ``negatives(q, k)`` returns the keys of the global batch with their gradient (they are
     NNCLR's predictions p, which the loss trains).
     """
-
-    queue: torch.Tensor
-    ptr: torch.Tensor
-
-    def __init__(self, config: SupportSetConfig, *, dim: int, global_batch_size: int, dataset_size: int) -> None:
-        super().__init__()
-        size = config.size
-        if size % global_batch_size:
-            below = size // global_batch_size * global_batch_size
-            above = below + global_batch_size
-            fix = f"use {below} or {above}" if below else f"use {above}"
-            raise ValueError(f"support set size {size} is not a multiple of the global batch size "
-                             f"{global_batch_size} (train.batch_size): {fix}")
-        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))  # |Q| x D
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def positive(self, k: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,14 +88,6 @@ class SupportSet(nn.Module, NegativeSource):
         exclude = torch.zeros(n, keys.shape[0], dtype=torch.bool, device=k.device)  # N x B
         exclude[own, rank() * n + own] = True
         return keys, exclude
-
-    @torch.no_grad()
-    def update(self, k: torch.Tensor, index: torch.Tensor | None = None) -> None:
-        """Enqueue the embeddings of all workers (in rank order) in place of the oldest ones."""
-        keys = concat_all_gather(k.detach()).to(self.queue.dtype)  # B x D
-        size, ptr = self.queue.shape[0], int(self.ptr)
-        self.queue[(ptr + torch.arange(keys.shape[0], device=keys.device)) % size] = keys
-        self.ptr.fill_((ptr + keys.shape[0]) % size)
 
 
 class NNCLRConfig(BaseModel):
