@@ -97,6 +97,41 @@ class EvalContext:
                             "class label; point it at a folder of class subfolders (image_folder, labeled: true)")
         return features, labels
 
+    @torch.no_grad()
+    def embed_training_data(self, embed: Callable[[torch.Tensor], torch.Tensor], *, equal_batches: bool = False
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``embed(images)`` of every training image under the eval transform, N x D float32 on the CPU, and
+        the labels (N, -1 when unlabelled), the same on every worker: worker w embeds the w-th contiguous slice
+        of the dataset (under :meth:`autocast`, images through :meth:`to_device`) and the slices are
+        all-gathered. For E-steps (PCL's k-means, DeepCluster v2's memory). ``equal_batches``: batches of
+        near-equal sizes, never one of a single image (which training-mode BatchNorm refuses)."""
+        import math
+
+        from torch.utils.data import Subset
+
+        from sslcore.toolkit.distributed import concat_all_gather, rank, world_size
+
+        dataset = self.dataset()
+        n, workers, me = len(dataset), world_size(), rank()
+        per_worker = math.ceil(n / workers)
+        mine = list(range(me * per_worker, min((me + 1) * per_worker, n)))
+        mine += [n - 1] * (per_worker - len(mine))  # equal slices for all_gather; the padding is cut below
+        if equal_batches:
+            sizes = math.ceil(per_worker / self.batch_size)
+            batches = [b.tolist() for b in torch.arange(per_worker).tensor_split(sizes)]
+            loader = DataLoader(Subset(dataset, mine), batch_sampler=batches, num_workers=self.num_workers)
+        else:
+            loader = DataLoader(Subset(dataset, mine), batch_size=self.batch_size, shuffle=False,
+                                num_workers=self.num_workers)
+        features, labels = [], []
+        for images, targets in loader:
+            with self.autocast():
+                features.append(embed(self.to_device(images)).float())
+            labels.append(targets.to(self.device))
+        features = concat_all_gather(torch.cat(features))[:n]  # N x D
+        labels = concat_all_gather(torch.cat(labels).long())[:n]
+        return features.cpu(), labels.cpu()
+
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         """A batch of images on the run's device, in its memory format."""
         images = images.to(self.device, non_blocking=True)

@@ -29,7 +29,6 @@ The prototypes get no gradient during the first ``freeze_prototypes_steps`` step
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -38,12 +37,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from sslcore.api.errors import TrainingError
 from sslcore.api.hookspecs import Loss, Method, Slots
 from sslcore.api.recipe import TrainingStep
-from sslcore.toolkit.distributed import broadcast, concat_all_gather, rank, world_size
+from sslcore.toolkit.distributed import broadcast, concat_all_gather, rank
 from sslcore.toolkit.heads import MLPHead
 from sslcore.toolkit.multicrop import encode_crops
 from sslcore.toolkit.prototypes import PrototypeLayer
@@ -267,29 +265,15 @@ class DeepClusterV2(nn.Module, Method):
     @torch.no_grad()
     def fill_memory(self, context: MethodContext) -> None:
         """Every memory M_j = z of every training image under the eval transform, the network in training
-        mode (BatchNorm on batch statistics, as the official init_memory runs it). Worker w embeds the w-th
-        contiguous slice; the slices are all-gathered."""
-        eval_context = context.eval_context
-        if eval_context is None:
+        mode (BatchNorm on batch statistics, as the official init_memory runs it), through the eval
+        context's ``embed_training_data`` (each worker a slice, all-gathered), PCL's E-step's too."""
+        if context.eval_context is None:
             raise ValueError("deepclusterv2: filling the memory needs the run's eval context (sslcore's loop "
                              "provides it)")
-        dataset = eval_context.dataset()  # the training images under the eval transform
-        n, workers, me = len(dataset), world_size(), rank()
-        per_worker = math.ceil(n / workers)
-        mine = list(range(me * per_worker, min((me + 1) * per_worker, n)))
-        mine += [n - 1] * (per_worker - len(mine))  # equal slices for all_gather; the padding is cut below
-        # batches of near-equal sizes: no last batch of one image, which training-mode BatchNorm refuses
-        batches = [b.tolist() for b in torch.arange(per_worker).tensor_split(
-            math.ceil(per_worker / eval_context.batch_size))]
-        loader = DataLoader(Subset(dataset, mine), batch_sampler=batches, num_workers=eval_context.num_workers)
         modes = [module.training for module in self.modules()]
         self.train()
-        embeddings = []
-        for images, _ in loader:
-            with eval_context.autocast():
-                embeddings.append(self.embed([eval_context.to_device(images)]))
+        z, _ = context.eval_context.embed_training_data(lambda images: self.embed([images]), equal_batches=True)
         for module, mode in zip(self.modules(), modes):
             module.training = mode
-        z = concat_all_gather(torch.cat(embeddings))[:n]  # N x D
         self.memory.copy_(z.to(self.memory.device).expand_as(self.memory))
         self.memory_filled.fill_(True)

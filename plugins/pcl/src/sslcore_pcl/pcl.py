@@ -25,7 +25,6 @@ where s is image i's prototype at granularity m and R holds r prototypes drawn f
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -37,11 +36,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from sslcore_moco import MoCo, MoCoConfig
-from torch.utils.data import DataLoader, Subset
 
 from sslcore.api.hookspecs import ClusterResult, ContrastiveLoss, Slots
 from sslcore.components.losses import InfoNCEConfig, InfoNCELoss
-from sslcore.toolkit.distributed import broadcast, concat_all_gather, rank, world_size
+from sslcore.toolkit.distributed import broadcast, rank
 
 if TYPE_CHECKING:
     from sslcore.engine.context import MethodContext
@@ -247,33 +245,15 @@ class PCL(MoCo):
     def training_features(self, context: MethodContext) -> tuple[torch.Tensor, torch.Tensor]:
         """v' = f_k(x) of every training image under the eval transform (N x D, float32, CPU) and the labels
         (N, -1 when unlabeled). Worker w embeds the w-th contiguous slice; the slices are all-gathered."""
-        eval_context = context.eval_context
-        if eval_context is None:
+        if context.eval_context is None:
             raise ValueError("pcl: the E-step needs the run's eval context (sslcore's loop provides it)")
-        dataset = eval_context.dataset()  # the training data under the eval transform
-        n, workers, me = len(dataset), world_size(), rank()
-        per_worker = math.ceil(n / workers)
-        mine = list(range(me * per_worker, min((me + 1) * per_worker, n)))
-        mine += [n - 1] * (per_worker - len(mine))  # equal slices for all_gather; the padding is cut below
-        loader = DataLoader(Subset(dataset, mine), batch_size=eval_context.batch_size, shuffle=False,
-                            num_workers=eval_context.num_workers)
         modes = self.key_backbone.training, self.key_head.training
         self.key_backbone.eval()
         self.key_head.eval()
-        features, labels = [], []
-        for images, targets in loader:
-            images = images.to(context.device, non_blocking=True)
-            if eval_context.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(context.device.type, dtype=eval_context.autocast_dtype or torch.float32,
-                                enabled=eval_context.autocast_dtype is not None):
-                features.append(self.encode_keys(images))
-            labels.append(targets.to(context.device))
+        features, labels = context.eval_context.embed_training_data(self.encode_keys)
         self.key_backbone.train(modes[0])
         self.key_head.train(modes[1])
-        features = concat_all_gather(torch.cat(features).float())[:n]  # N x D
-        labels = concat_all_gather(torch.cat(labels).long())[:n]
-        return features.cpu(), labels.cpu()
+        return features, labels
 
 
 def cluster_metrics(results: list[ClusterResult], labels: torch.Tensor) -> dict[str, Any]:
