@@ -383,8 +383,10 @@ class Method(Protocol):
         return None
 
     def on_epoch_start(self, epoch: int, context: MethodContext) -> dict[str, Any] | None:
-        """Before each epoch, on every worker (an E-step). Returns floats, 1-D tensors (distributions) or PIL
-        images to track."""
+        """Before each epoch, on every worker (an E-step), after the engine has seeded torch, numpy and
+        ``random`` from the run's seed, the epoch and the rank (so random draws here repeat on resume).
+        ``context.eval_context.embed_training_data`` embeds the training set, sharded over the workers.
+        Returns floats, 1-D tensors (distributions) or PIL images to track."""
         return None
 
     def on_train_end(self, context: MethodContext) -> dict[str, Any] | None:
