@@ -131,7 +131,7 @@ def floor(config: Path, tag: int) -> float:
     done, wanted = (yaml.safe_load(path.read_text()) if path.exists() else {}
                     for path in (HERE / "runs" / name / "config.yaml", config))
     if summary.exists() and "initial" in json.loads(summary.read_text()) and \
-            all(done.get(key) == wanted[key] for key in ("encoder", "augmentation")):
+            all(done.get(key, {}).get(k) == v for key in ("encoder", "augmentation") for k, v in wanted[key].items()):
         return json.loads(summary.read_text())["initial"]["knn_top1"]  # measured already (quality runs' rule)
     shutil.rmtree(HERE / "runs" / name, ignore_errors=True)
     sslcore_run(config, HERE / "runs" / f"{name}.log", f"name={name}", "train.epochs=1",
