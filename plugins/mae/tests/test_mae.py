@@ -201,7 +201,8 @@ def test_method_mae_alone_is_the_official_recipe() -> None:
     assert (method["decoder_width"], method["decoder_depth"], method["decoder_heads"]) == (512, 8, 16)
     assert method["mask_ratio"] == 0.75 and method["norm_pix_loss"] is True
     assert resolved["encoder"] == {"name": "vit_base", "image_size": 224, "patch_size": 16,
-                                   "position_embedding": "sincos", "pool": "cls", "depth": None}
+                                   "position_embedding": "sincos", "pool": "cls", "depth": None,
+                                   "dynamic_img_size": False, "drop_path_rate": 0.0}
     assert resolved["augmentation"]["name"] == "mae" and resolved["augmentation"]["scale"] == [0.2, 1.0]
 
 
