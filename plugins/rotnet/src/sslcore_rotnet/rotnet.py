@@ -24,15 +24,15 @@ before it (``hidden_dims``, AlexNet's fc block). Only f is kept.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 from sslcore.api.hookspecs import Method, Slots
-from sslcore.components.augmentations import IMAGENET_MEAN, IMAGENET_STD, ViewAugmentation
+from sslcore.components.augmentations import AreaFraction, MAEConfig, ViewAugmentation
 from sslcore.toolkit.heads import MLPHead
 
 if TYPE_CHECKING:
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 
 #: K, the number of rotations: 0, 90, 180 and 270 degrees
 NUM_ROTATIONS = 4
-
-AreaFraction = Annotated[float, Field(gt=0, le=1)]
 
 
 def rotate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +88,10 @@ class RotNet(nn.Module, Method):
         return {"loss": loss, "rotation_accuracy": accuracy}
 
 
-class RotNetAugmentationConfig(BaseModel):
-    """Parameters of the RotNet augmentation: the official ``GenericDataset`` train transforms."""
-
-    model_config = ConfigDict(extra="forbid")
+class RotNetAugmentationConfig(MAEConfig):
+    """Parameters of the RotNet augmentation: the official ``GenericDataset`` train transforms (the core's
+    one-view ``size``, ``scale``, ``mean`` and ``std``; CIFAR-10's mean [125.3, 123.0, 113.9] / 255 and std
+    [63.0, 62.1, 66.7] / 255)."""
 
     size: int = Field(224, gt=0, description="Side of the view and of the eval crop, in pixels (224 on "
                                              "ImageNet, 32 on CIFAR-10).")
@@ -104,18 +102,6 @@ class RotNetAugmentationConfig(BaseModel):
     scale: tuple[AreaFraction, AreaFraction] = Field(
         (0.08, 1.0), description="crop resized: range of the crop's area as a fraction of the image.")
     padding: int = Field(4, ge=0, description="crop padded: zero pixels added on each side before the crop.")
-    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Per-channel mean for normalization "
-                                                                       "(CIFAR-10: [125.3, 123.0, 113.9] / 255).")
-    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
-        IMAGENET_STD, description="Per-channel standard deviation for normalization (CIFAR-10: "
-                                  "[63.0, 62.1, 66.7] / 255).")
-
-    @field_validator("scale")
-    @classmethod
-    def _ordered(cls, scale: tuple[float, float]) -> tuple[float, float]:
-        if scale[0] > scale[1]:
-            raise ValueError(f"scale is (min, max), got min {scale[0]} > max {scale[1]}")
-        return scale
 
 
 class RotNetAugmentation(ViewAugmentation):
