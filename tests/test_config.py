@@ -198,18 +198,13 @@ def test_cli_schema_of_one_component() -> None:
 
 @pytest.mark.parametrize("example", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")),
                          ids=lambda p: p.name)
-def test_example_files_validate(example: Path, tmp_path: Path, cifar10_dir: Path) -> None:
-    """Every example validates and builds; an ImageNet one (dino_resnet50.yaml) with CIFAR-10 in place of the
-    ImageNet folders it names."""
+def test_example_files_validate(example: Path) -> None:
     from sslcore.engine.launch import dry_build
 
     plugins = sorted(d for d in (Path(__file__).parents[1] / "plugins").iterdir() if (d / "pyproject.toml").is_file())
     registry = Registry(autoload=False, modules=[f"sslcore_{d.name}.plugin" for d in plugins])
     assert not registry.errors
-    text = example.read_text().replace("~/data/imagenet/train", str(cifar10_dir / "train")) \
-        .replace("~/data/imagenet/val", str(cifar10_dir / "test"))
-    (tmp_path / example.name).write_text(text)
-    resolved = load_experiment(tmp_path / example.name, registry)
+    resolved = load_experiment(example, registry)
     assert resolved.blocks["method"]["name"] in {d.name for d in plugins}
     dry_build(resolved, registry)
 

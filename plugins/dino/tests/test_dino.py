@@ -368,7 +368,7 @@ def test_the_resnet50_example_is_the_readme_command(registry: Registry, tmp_path
     """README "ResNet-50 and other convnets trainings": --arch resnet50 --optimizer sgd --lr 0.03 --weight_decay
     1e-4 --weight_decay_end 1e-4 --global_crops_scale 0.14 1 --local_crops_scale 0.05 0.14 on 8 GPUs x 64."""
     registry.add_module("sslcore_dino.plugin")
-    text = (EXAMPLES / "dino_resnet50.yaml").read_text().replace("~/data/imagenet", str(tmp_path))
+    text = (EXAMPLES / "dino_resnet50.yaml").read_text().replace("~/.cache/sslcore/cifar10", str(tmp_path))
     experiment = resolve(yaml.safe_load(text), registry).as_dict()
     train = experiment["train"]
     assert train["optimizer"] == {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4,
