@@ -46,7 +46,7 @@ def main() -> None:
     for path in paths:  # same file-cache state for both decoders
         Path(path).read_bytes()
     aug = MoCoV2Augmentation(MoCoV2Config(size=32, mean=MEAN, std=STD))
-    uint8_views = A.Compose([t for t in aug.train_transform.transforms if not isinstance(t, A.Normalize)])
+    uint8_views = A.Compose([t for t in aug.view_transforms[0].transforms if not isinstance(t, A.Normalize)])
     images = [load_image(p) for p in paths]
     mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD).view(1, 3, 1, 1) * 255

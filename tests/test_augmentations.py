@@ -51,7 +51,7 @@ def test_seeded_transforms_draw_independently(image):
     """With one seed for all transforms, albumentations would flip every grayscale view."""
     augmentation = moco_v2(size=32)
     augmentation.set_seed(0)
-    compose = augmentation.train_transform
+    compose = augmentation.view_transforms[0]
     compose.save_applied_params = True
     gray_not_flipped = 0
     for _ in range(400):
@@ -78,12 +78,12 @@ def test_eval_is_deterministic_center_crop(image):
 
 @pytest.mark.parametrize(("size", "has_blur"), [(32, False), (63, False), (64, True), (224, True)])
 def test_blur_only_from_blur_min_size(size, has_blur):
-    transforms = moco_v2(size=size).train_transform.transforms
+    transforms = moco_v2(size=size).view_transforms[0].transforms
     assert any(isinstance(t, A.GaussianBlur) for t in transforms) == has_blur
 
 
 def test_blur_min_size_is_configurable():
-    transforms = moco_v2(size=32, blur_min_size=0).train_transform.transforms
+    transforms = moco_v2(size=32, blur_min_size=0).view_transforms[0].transforms
     assert any(isinstance(t, A.GaussianBlur) for t in transforms)
 
 

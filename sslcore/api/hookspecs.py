@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 hookspec = pluggy.HookspecMarker("sslcore")
 
 __all__ = ["BIAS_AND_NORM", "Augmentation", "ClusterResult", "Clustering", "ContrastiveLoss", "Dataset",
+           "DeviceAugmentation",
            "Encoder", "Evaluator", "Loss", "Method", "NegativeSource", "PairedLoss", "PatchEncoder", "Schedule",
            "Slot", "Slots", "TrainingStep"]
 
@@ -80,11 +81,32 @@ class Augmentation(Protocol):
         index, so that views repeat across runs, loader workers and resumes inside an epoch): keep it cheap."""
 
 
+@runtime_checkable
+class DeviceAugmentation(Augmentation, Protocol):
+    """An augmentation that can also make its training views on the training device, batched.
+
+    On the device path the loader workers only decode (each image H x W x 3 uint8, shrunk to at most
+    ``max_source_side``) and collate a batch padded to its largest image by repeating edges; the engine moves
+    it pinned and non-blocking, and calls ``device_views`` with a generator on the device that it seeds per
+    batch (from the epoch's seed and the batch's position: views repeat from the seed and across a resume).
+    ``views`` stays the CPU path of the same recipe, with the same parameters.
+    """
+
+    device: bool | str  #: True, False or "auto" (the device path when the training device is a GPU)
+    max_source_side: int | None  #: the longest side a loader worker sends; None: as decoded
+
+    def device_views(self, images: Tensor, sizes: Tensor, generator: torch.Generator) -> list[Tensor]:
+        """``images``: N x H x W x 3 uint8 on the device; ``sizes``: N x 2, each image's height and width in
+        it -> one normalised float tensor N x 3 x S x S per view, view i of side ``view_sizes[i]``, every
+        random parameter drawn per sample from ``generator``."""
+
+
 @hookspec
 def register_augmentations(register: RegisterAugmentation) -> None:
     """Register augmentation recipes (the ``augmentation`` block): ``factory(config) -> Augmentation``.
 
-    The augmentation runs in the DataLoader workers; the engine builds it (methods do not).
+    The augmentation runs in the DataLoader workers, or batched on the training device when it is a
+    :class:`DeviceAugmentation` whose ``device`` asks for it; the engine builds it (methods do not).
     """
 
 

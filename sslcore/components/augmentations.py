@@ -26,6 +26,12 @@ and one makes a single view, for methods that corrupt it themselves:
   flip, no colour distortion; the masking is the method's.
 
 Gaussian blur is left out below ``blur_min_size`` pixels (SimCLR's CIFAR-10 recipe leaves it out too).
+
+Each recipe describes its views as :class:`~sslcore.toolkit.device_views.ViewSpec` s, and both paths are built
+from them: on the CPU an albumentations pipeline per view, run per image in the DataLoader workers; on the
+training device (``device: true``, or ``auto`` on a GPU) the loader workers only decode, and the same random
+operations run batched on the device, each sample with its own parameters
+(:mod:`sslcore.toolkit.device_views`). The eval and labelled transforms stay on the CPU.
 """
 
 from __future__ import annotations
@@ -39,20 +45,31 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validato
 
 from sslcore import hookimpl
 from sslcore.api.hookspecs import Augmentation, RegisterAugmentation
+from sslcore.toolkit.device_views import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, device_views
 
 if TYPE_CHECKING:  # imported where a pipeline is built, not when the registry loads (startup time)
     import albumentations as A
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 AreaFraction = Annotated[float, Field(gt=0, le=1)]
 
 
-class MoCoV2Config(BaseModel):
-    """Parameters of the MoCo v2 augmentation recipe."""
+class DeviceOptions(BaseModel):
+    """Where the views are made: the keys every core recipe shares."""
 
     model_config = ConfigDict(extra="forbid")
+
+    device: bool | Literal["auto"] = Field(
+        "auto", description="true: the random operations run batched on the training device (the loader workers "
+                            "only decode); false: per image in the loader workers (albumentations); auto: on the "
+                            "device when it is a GPU. Same recipe and parameters either way.")
+    max_source_side: int | None = Field(
+        512, gt=0, description="Device path: the loader workers shrink an image whose longer side exceeds this "
+                               "(area resampling, aspect kept) before the batch is padded to its largest image and "
+                               "sent; null: never (a batch is as large as its largest image).")
+
+
+class MoCoV2Config(DeviceOptions):
+    """Parameters of the MoCo v2 augmentation recipe."""
 
     size: int = Field(224, gt=0, description="Side of the square views and of the eval crop, in pixels.")
     scale: tuple[AreaFraction, AreaFraction] = Field(
@@ -98,10 +115,8 @@ class BYOLConfig(MoCoV2Config):
                                 "solo-learn's VICReg CIFAR recipe: 0.1 and 0.1).")
 
 
-class MAEConfig(BaseModel):
+class MAEConfig(DeviceOptions):
     """Parameters of the MAE augmentation recipe."""
-
-    model_config = ConfigDict(extra="forbid")
 
     size: int = Field(224, gt=0, description="Side of the square view and of the eval crop, in pixels.")
     scale: tuple[AreaFraction, AreaFraction] = Field(
@@ -118,10 +133,8 @@ class MAEConfig(BaseModel):
         return scale
 
 
-class MultiCropConfig(BaseModel):
+class MultiCropConfig(DeviceOptions):
     """Parameters of a multi-crop recipe (defaults: SwAV's ImageNet crops)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     size: int = Field(224, gt=0, description="Side of the global crops and of the eval crop, in pixels (32 on "
                                              "CIFAR-10).")
@@ -248,127 +261,106 @@ class ViewAugmentation(Augmentation):
         _reseed(self.labelled_transform, seed)
 
 
-def _blur(config: MoCoV2Config, p: float) -> list[A.BasicTransform]:
+def albumentations_pipeline(spec: ViewSpec) -> A.Compose:
+    """The CPU pipeline of one view: crop, flip, colour jitter, grayscale, blur, solarize, normalise."""
     import albumentations as A
+    import cv2
 
-    if config.size < config.blur_min_size or not p:
-        return []
-    return [A.GaussianBlur(sigma_limit=(0.1, 2.0), blur_limit=0, p=p)]
+    interpolation = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}[spec.interpolation]
+    brightness, contrast, saturation, hue = spec.jitter
+    return A.Compose([
+        A.RandomResizedCrop(size=(spec.size, spec.size), scale=spec.scale, ratio=spec.ratio,
+                            interpolation=interpolation),
+        A.HorizontalFlip(p=spec.flip_prob),
+        *([A.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+                         p=spec.jitter_prob)] if spec.jitter_prob else []),
+        *([A.ToGray(p=spec.grayscale_prob)] if spec.grayscale_prob else []),
+        *([A.GaussianBlur(sigma_limit=spec.blur_sigma, blur_limit=0, p=spec.blur_prob)] if spec.blur_prob else []),
+        *([A.Solarize(threshold_range=(0.5, 0.5), p=spec.solarize_prob)] if spec.solarize_prob else []),
+        A.Normalize(mean=spec.mean, std=spec.std),
+        A.ToTensorV2(),
+    ])
 
 
-def _to_tensor(config: MoCoV2Config | MAEConfig | MultiCropConfig) -> list[A.BasicTransform]:
-    import albumentations as A
+class SpecAugmentation(ViewAugmentation):
+    """Views each described by a :class:`ViewSpec`: on the CPU one albumentations pipeline per distinct spec
+    (two views of one spec are two draws of one pipeline), on the training device the same specs batched
+    (``device_views``, :mod:`sslcore.toolkit.device_views`)."""
 
-    return [A.Normalize(mean=config.mean, std=config.std), A.ToTensorV2()]
+    def __init__(self, specs: list[ViewSpec], config: MoCoV2Config | MAEConfig | MultiCropConfig) -> None:
+        pipelines: dict[ViewSpec, A.Compose] = {}
+        super().__init__([pipelines.setdefault(spec, albumentations_pipeline(spec)) for spec in specs], config)
+        self.view_specs = list(specs)
+        self.view_sizes = [spec.size for spec in specs]
+        self.device = config.device
+        self.max_source_side = config.max_source_side
+
+    def device_views(self, images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """The views of a batch of decoded images on the device (see :class:`DeviceAugmentation`)."""
+        return device_views(images, sizes, self.view_specs, generator)
 
 
-class MoCoV2Augmentation(ViewAugmentation):
+def _blur_prob(config: MoCoV2Config | MultiCropConfig, size: int, p: float) -> float:
+    return p if size >= config.blur_min_size else 0.0
+
+
+class MoCoV2Augmentation(SpecAugmentation):
     """Two independently augmented views per image (MoCo v2), and the deterministic eval transform."""
 
     def __init__(self, config: MoCoV2Config) -> None:
-        import albumentations as A
-
-        size = config.size
-        self.train_transform = A.Compose([
-            A.RandomResizedCrop(size=(size, size), scale=config.scale),
-            A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8),
-            A.ToGray(p=0.2),
-            *_blur(config, 0.5),
-            A.HorizontalFlip(p=0.5),
-            *_to_tensor(config),
-        ])
-        super().__init__([self.train_transform, self.train_transform], config)
+        view = ViewSpec(size=config.size, scale=config.scale, jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8,
+                        grayscale_prob=0.2, blur_prob=_blur_prob(config, config.size, 0.5),
+                        mean=config.mean, std=config.std)
+        super().__init__([view, view], config)
 
 
-class SimCLRAugmentation(ViewAugmentation):
+class SimCLRAugmentation(SpecAugmentation):
     """SimCLR's two views (its Appendix A): crop and flip, then colour distortion of strength s, then blur."""
 
     def __init__(self, config: SimCLRConfig) -> None:
-        import albumentations as A
-
-        size, s = config.size, config.strength
-        transform = A.Compose([
-            A.RandomResizedCrop(size=(size, size), scale=config.scale),
-            A.HorizontalFlip(p=0.5),
-            A.ColorJitter(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.5, 0.2 * s), p=0.8),
-            A.ToGray(p=0.2),
-            *_blur(config, 0.5),
-            *_to_tensor(config),
-        ])
-        super().__init__([transform, transform], config)
+        s = config.strength
+        view = ViewSpec(size=config.size, scale=config.scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, min(0.5, 0.2 * s)),
+                        jitter_prob=0.8, grayscale_prob=0.2, blur_prob=_blur_prob(config, config.size, 0.5),
+                        mean=config.mean, std=config.std)
+        super().__init__([view, view], config)
 
 
-class BYOLAugmentation(ViewAugmentation):
+class BYOLAugmentation(SpecAugmentation):
     """BYOL's asymmetric pair (its Table 6): view 1 blurred always, never solarized; view 2 blurred with
     p 0.1, solarized with p 0.2 (``blur_prob``, ``solarize_prob``)."""
 
     def __init__(self, config: BYOLConfig) -> None:
-        import albumentations as A
-
-        size = config.size
-
-        def view(blur_p: float, solarize_p: float) -> A.Compose:
-            return A.Compose([
-                A.RandomResizedCrop(size=(size, size), scale=config.scale),
-                A.HorizontalFlip(p=0.5),
-                A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8),
-                A.ToGray(p=0.2),
-                *_blur(config, blur_p),
-                *([A.Solarize(threshold_range=(0.5, 0.5), p=solarize_p)] if solarize_p else []),
-                *_to_tensor(config),
-            ])
-
-        super().__init__([view(blur, solarize) for blur, solarize in zip(config.blur_prob, config.solarize_prob)],
-                         config)
+        super().__init__([ViewSpec(size=config.size, scale=config.scale, jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.8,
+                                   grayscale_prob=0.2, blur_prob=_blur_prob(config, config.size, blur),
+                                   solarize_prob=solarize, mean=config.mean, std=config.std)
+                          for blur, solarize in zip(config.blur_prob, config.solarize_prob)], config)
 
 
-class MAEAugmentation(ViewAugmentation):
+class MAEAugmentation(SpecAugmentation):
     """MAE's one view (its ``main_pretrain.py``): a random resized crop, bicubic, and a horizontal flip."""
 
     def __init__(self, config: MAEConfig) -> None:
-        import albumentations as A
-        import cv2
-
-        size = config.size
-        transform = A.Compose([
-            A.RandomResizedCrop(size=(size, size), scale=config.scale, interpolation=cv2.INTER_CUBIC),
-            A.HorizontalFlip(p=0.5),
-            *_to_tensor(config),
-        ])
-        super().__init__([transform], config)
+        super().__init__([ViewSpec(size=config.size, scale=config.scale, interpolation="bicubic",
+                                   mean=config.mean, std=config.std)], config)
 
 
-class MultiCropAugmentation(ViewAugmentation):
+class MultiCropAugmentation(SpecAugmentation):
     """Multi-crop (SwAV, DINO): ``global_crops`` views of side ``size``, then ``local_crops`` of side
     ``local_size`` (``view_sizes`` in that order), each a random resized crop, a flip, colour jitter, grayscale,
     blur and solarization with its group's probabilities. The local crops are draws of one pipeline."""
 
     def __init__(self, config: MultiCropConfig) -> None:
-        import albumentations as A
-        import cv2
-
-        interpolation = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}[config.interpolation]
-        brightness, contrast, saturation, hue = config.color_jitter
-
-        def crop(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> A.Compose:
-            blur = blur_p if size >= config.blur_min_size else 0.0
-            return A.Compose([
-                A.RandomResizedCrop(size=(size, size), scale=scale, interpolation=interpolation),
-                A.HorizontalFlip(p=0.5),
-                A.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
-                              p=config.jitter_prob),
-                A.ToGray(p=config.grayscale_prob),
-                *([A.GaussianBlur(sigma_limit=(0.1, 2.0), blur_limit=0, p=blur)] if blur else []),
-                *([A.Solarize(threshold_range=(0.5, 0.5), p=solarize_p)] if solarize_p else []),
-                *_to_tensor(config),
-            ])
+        def crop(size: int, scale: tuple[float, float], blur: float, solarize: float) -> ViewSpec:
+            return ViewSpec(size=size, scale=scale, interpolation=config.interpolation, jitter=config.color_jitter,
+                            jitter_prob=config.jitter_prob, grayscale_prob=config.grayscale_prob,
+                            blur_prob=_blur_prob(config, size, blur), solarize_prob=solarize, mean=config.mean,
+                            std=config.std)
 
         global_views = [crop(config.size, config.scale, blur, solarize)
                         for blur, solarize in zip(config.blur_prob, config.solarize_prob)]
         local = crop(config.local_size, config.local_scale, config.local_blur_prob, config.local_solarize_prob)
         super().__init__([*global_views, *[local] * config.local_crops], config)
         self.global_crops = config.global_crops
-        self.view_sizes = [config.size] * config.global_crops + [config.local_size] * config.local_crops
 
 
 @hookimpl

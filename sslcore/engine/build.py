@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from sslcore.api.hookspecs import Augmentation, Method, NegativeSource, PatchEncoder
+from sslcore.api.hookspecs import Augmentation, DeviceAugmentation, Method, NegativeSource, PatchEncoder
 from sslcore.api.recipe import BIAS_AND_NORM, ParamGroup, Schedule, peak_lr
 from sslcore.config import BlockError
 from sslcore.engine.context import MethodContext
-from sslcore.engine.data import EpochSampler, MultiViewDataset, seed_worker
+from sslcore.engine.data import DecodedImages, EpochSampler, MultiViewDataset, seed_worker
 from sslcore.registry import SLOT_KINDS, Component, Registry, missing_members
 
 #: the parameter group of everything no named group claims
@@ -192,16 +192,39 @@ class TrainingData:
     sampler: EpochSampler
     generator: torch.Generator
     batch_size: int  # per worker
+    on_device: bool  # the loader yields decoded images, and augmentation.device_views makes the views
+
+
+def augments_on_device(augmentation: Augmentation, device: torch.device) -> bool:
+    """Whether the views are made on ``device``: the augmentation's ``device`` key, ``auto`` meaning on a GPU.
+    One that asks for it without a device path is an error, not a silent CPU run."""
+    wanted = getattr(augmentation, "device", False)
+    if wanted is True and not isinstance(augmentation, DeviceAugmentation):
+        raise BlockError(("augmentation", "device"), f"{type(augmentation).__name__} has no device path (it lacks "
+                                                     f"{', '.join(missing_members(augmentation, DeviceAugmentation))}"
+                                                     f"); set device: false")
+    if wanted == "auto":
+        return device.type == "cuda" and isinstance(augmentation, DeviceAugmentation)
+    return wanted is True
 
 
 def build_data(experiment: dict[str, Any], registry: Registry, rank: int, world_size: int, loader_workers: int,
-               pin_memory: bool) -> TrainingData:
-    """The augmentation, the dataset and a DataLoader over this worker's shard, in an order set by the seed."""
+               pin_memory: bool, device: torch.device) -> TrainingData:
+    """The augmentation, the dataset and a DataLoader over this worker's shard, in an order set by the seed;
+    on the device path (:func:`augments_on_device`) the loader yields padded batches of decoded images."""
     augmentation = build(registry, "augmentation", ("augmentation",), experiment["augmentation"])
     if not isinstance(augmentation, Augmentation):
         raise TypeError(f"augmentation '{experiment['augmentation']['name']}' does not meet the Augmentation "
                         f"protocol: it lacks {', '.join(missing_members(augmentation, Augmentation))}")
-    dataset = MultiViewDataset(registry.build("dataset", experiment["data"]), augmentation)
+    on_device = augments_on_device(augmentation, device)
+    images = registry.build("dataset", experiment["data"])
+    if on_device:
+        from sslcore.toolkit.device_views import pad_collate
+
+        dataset: MultiViewDataset = DecodedImages(images, augmentation, augmentation.max_source_side)
+        collate = pad_collate
+    else:
+        dataset, collate = MultiViewDataset(images, augmentation), None
     batch_size = experiment["train"]["batch_size"] // world_size
     # Each worker reads its own shard in an order set by (seed, epoch), from any batch on (a resume inside an
     # epoch): the sampler is made here rather than by Ray, whose default sampler ignores the experiment's seed.
@@ -209,6 +232,6 @@ def build_data(experiment: dict[str, Any], registry: Registry, rank: int, world_
     generator = torch.Generator()
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                         num_workers=loader_workers, worker_init_fn=seed_worker, generator=generator,
-                        pin_memory=pin_memory, persistent_workers=False)
+                        pin_memory=pin_memory, persistent_workers=False, collate_fn=collate)
     return TrainingData(augmentation=augmentation, dataset=dataset, loader=loader, sampler=sampler,
-                        generator=generator, batch_size=batch_size)
+                        generator=generator, batch_size=batch_size, on_device=on_device)

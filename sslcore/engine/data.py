@@ -4,7 +4,9 @@ Datasets (``register_datasets``) yield ``(image, label)`` with ``image`` an H x 
 wrappers here apply the augmentation (training) or the eval transform (evaluators) and skip images that
 cannot be decoded, replacing each by the next readable item so that every batch keeps its size.
 
-Every training item's augmentation is seeded by ``(epoch seed, index)``, and :class:`EpochSampler` gives
+On the device path (:class:`DecodedImages`) the workers only decode, and the engine makes the views of each
+batch on the device from a generator seeded by ``(epoch seed, batch)``. Otherwise every training item's
+augmentation is seeded by ``(epoch seed, index)``, and :class:`EpochSampler` gives
 each worker its shard of the epoch's permutation from any batch on: so an epoch resumed at batch ``b``
 (a mid-epoch checkpoint) sees exactly the views it would have seen, with any number of loader workers.
 """
@@ -72,6 +74,27 @@ class MultiViewDataset(_SkipUnreadable):
         self.seed = seed
 
 
+class DecodedImages(MultiViewDataset):
+    """Training items for augmentation on the device: ``(image, label, index)`` with ``image`` the decoded
+    H x W x 3 uint8 tensor, shrunk (area resampling, aspect kept) when its longer side exceeds ``max_side``;
+    batched by :func:`sslcore.toolkit.device_views.pad_collate`. Nothing here is random."""
+
+    def __init__(self, dataset: Dataset, augmentation: Augmentation, max_side: int | None) -> None:
+        super().__init__(dataset, augmentation)
+        self.max_side = max_side
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:  # type: ignore[override]
+        image, label = self._read(index)
+        h, w = image.shape[:2]
+        if self.max_side is not None and max(h, w) > self.max_side:
+            import cv2
+
+            factor = self.max_side / max(h, w)
+            image = cv2.resize(image, (max(1, round(w * factor)), max(1, round(h * factor))),
+                               interpolation=cv2.INTER_AREA)
+        return torch.from_numpy(np.ascontiguousarray(image)), label, index
+
+
 def item_seed(seed: int, index: int) -> int:
     """The augmentation seed of item ``index`` in an epoch of seed ``seed`` (a cheap, well-spread mix)."""
     return (seed * 0x9E3779B1 + index * 0x85EBCA77 + 0x165667B1) % 2**32
@@ -126,4 +149,4 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-__all__ = ["EpochSampler", "EvalDataset", "MultiViewDataset", "item_seed", "seed_worker"]
+__all__ = ["DecodedImages", "EpochSampler", "EvalDataset", "MultiViewDataset", "item_seed", "seed_worker"]

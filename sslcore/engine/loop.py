@@ -29,10 +29,12 @@ import numpy as np
 import torch
 
 from sslcore.api.errors import TrainingError, UserError
+from sslcore.api.hookspecs import PatchEncoder
 from sslcore.api.recipe import TrainingStep
 from sslcore.config import BlockError, Loc, located_error
 from sslcore.engine.build import build, build_data, build_method, build_optimization, check_input_size
 from sslcore.engine.context import EvalContext, MethodContext
+from sslcore.engine.data import item_seed
 from sslcore.engine.rundir import RunDir
 from sslcore.engine.session import LocalSession, RaySession, Session
 from sslcore.engine.tracking import Tracker, progress_bar
@@ -115,11 +117,14 @@ def set_random_states(states: dict[str, Any]) -> None:
 
 def compile_submodules(method: torch.nn.Module) -> None:
     """``torch.compile`` each child of the method that holds parameters (encoders, heads), in place, so
-    parameter names and checkpoints are unchanged. The method's own forward (queues, shuffles, gathers:
-    data-dependent Python) stays eager."""
+    parameter names and checkpoints are unchanged; of a ViT also its ``blocks``, which a method may run
+    without the ViT's forward (MAE runs the encoder's pieces on the visible patches). The method's own
+    forward (queues, shuffles, gathers: data-dependent Python) stays eager."""
     for child in method.children():
         if next(child.parameters(), None) is not None:
             child.compile()
+            if isinstance(child, PatchEncoder):
+                child.blocks.compile()
 
 
 def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float, mode: str) -> None:
@@ -154,11 +159,14 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------------
 
     def _threads(self) -> tuple[int, int]:
+        """(torch threads, DataLoader workers) from the CPUs this worker has (Ray's ``resources_per_worker``, or
+        the machine's share): on a GPU every CPU but the one feeding the device decodes (or augments); on a
+        CPU the training step takes them all and the loader runs in the process."""
         cpus = self.spec.cpus_per_worker or max(1, (os.cpu_count() or 1) // self.cfg["scaling"]["num_workers"])
         threads = max(1, int(cpus))
         loader_workers = self.train_cfg["loader_workers"]
         if loader_workers is None:
-            loader_workers = min(4, threads) if self.device.type == "cuda" else 0
+            loader_workers = max(1, threads - 1) if self.device.type == "cuda" else 0
         return threads, loader_workers
 
     def setup(self) -> None:
@@ -191,7 +199,8 @@ class Trainer:
             torch.set_num_threads(threads)
         seed_everything(epoch_seed(self.cfg["seed"], -1, self.session.rank))
         self.data = build_data(self.cfg, self.registry, self.session.rank, self.session.world_size,
-                               self.loader_workers, pin_memory=self.device.type == "cuda")
+                               self.loader_workers, pin_memory=self.device.type == "cuda", device=self.device)
+        self.view_generator = torch.Generator(device=self.device)  # the device path's draws, seeded per batch
         self.loader = self.session.prepare_loader(self.data.loader)
         steps = len(self.loader)
         if steps == 0:
@@ -214,6 +223,7 @@ class Trainer:
             registry=self.registry, eval_context=self.eval_context)
         method = build_method(self.cfg, self.registry, self.method_context)
         check_input_size(method, augmentation)
+        method = self._sync_batchnorm(method)
         if self.channels_last:
             method = method.to(memory_format=torch.channels_last)
         if self.train_cfg["compile"]:
@@ -229,6 +239,18 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.evaluators = [build(self.registry, "evaluator", ("evaluators", i), block)
                            for i, block in enumerate(self.cfg["evaluators"])]
+
+    def _sync_batchnorm(self, method: torch.nn.Module) -> torch.nn.Module:
+        """``train.sync_batchnorm``: BatchNorm layers as SyncBatchNorm over the workers' process group, on GPU
+        workers; CPU workers (where torch's SyncBatchNorm does not run) keep per-worker statistics, said once."""
+        if not self.train_cfg["sync_batchnorm"] or self.session.world_size == 1:
+            return method
+        if self.device.type != "cuda":
+            if self.is_main:
+                print(f"sslcore: train.sync_batchnorm: BatchNorm statistics stay per worker on the "
+                      f"{self.session.world_size} CPU workers (torch's SyncBatchNorm runs on GPUs only)", flush=True)
+            return method
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
@@ -283,8 +305,17 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------------------
 
-    def _images(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _images(self, views: Any, epoch: int, batch: int) -> list[torch.Tensor]:
+        """The batch's views on the device: moved there, or (device path) made there from the decoded images,
+        with draws seeded by ``(epoch seed, batch)`` so that a resumed epoch repeats them."""
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        if self.data.on_device:
+            images, sizes = views
+            self.view_generator.manual_seed(item_seed(epoch_seed(self.cfg["seed"], epoch, self.session.rank), batch))
+            views = self.data.augmentation.device_views(images.to(self.device, non_blocking=True),
+                                                        sizes.to(self.device, non_blocking=True),
+                                                        self.view_generator)
+            return [v.contiguous(memory_format=memory_format) for v in views]
         return [v.to(self.device, non_blocking=True, memory_format=memory_format) for v in views]
 
     def train_step(self, views: list[torch.Tensor], index: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
@@ -376,8 +407,10 @@ class Trainer:
                                     f"{metrics['img_per_s']:.0f} img/s")
 
         batches = start
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         for views, _, index in itertools.islice(self.loader, self.steps_per_epoch - start):
-            out = self.train_step(self._images(views), index, epoch)
+            out = self.train_step(self._images(views, epoch, batches), index, epoch)
             batches += 1
             if self.step == 1 and self.is_main and self.spec.launched_at:
                 startup = time.time() - self.spec.launched_at
@@ -387,7 +420,7 @@ class Trainer:
             window_sum += loss
             epoch_sum += loss
             window_steps += 1
-            n = views[0].shape[0] * self.session.world_size
+            n = index.shape[0] * self.session.world_size
             images += n
             window_images += n
             if batches % log_every == 0 or batches == self.steps_per_epoch:
@@ -406,8 +439,11 @@ class Trainer:
                     raise Stopped
         elapsed += time.perf_counter() - epoch_start
         epoch_loss = self.session.mean(epoch_sum).item() / (batches or 1)
+        memory = {}
+        if self.device.type == "cuda":  # this worker's peak in the epoch (of the part trained, when resumed)
+            memory = {"gpu_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
         return {"epoch": epoch, "step": self.step, "loss": epoch_loss,
-                "img_per_s": images / elapsed, "epoch_seconds": elapsed, **start_metrics}
+                "img_per_s": images / elapsed, "epoch_seconds": elapsed, **memory, **start_metrics}
 
     def epoch_start(self, epoch: int) -> dict[str, float]:
         """The method's ``on_epoch_start`` (an E-step); its scalar metrics are returned for the epoch's line,
