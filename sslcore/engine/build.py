@@ -195,10 +195,11 @@ class TrainingData:
     on_device: bool  # the loader yields decoded images, and augmentation.device_views makes the views
 
 
-def augments_on_device(augmentation: Augmentation, device: torch.device) -> bool:
-    """Whether the views are made on ``device``: the augmentation's ``device`` key, ``auto`` meaning on a GPU.
-    One that asks for it without a device path is an error, not a silent CPU run."""
-    wanted = getattr(augmentation, "device", False)
+def augments_on_device(augmentation: Augmentation, block: dict[str, Any], device: torch.device) -> bool:
+    """Whether the views are made on ``device``: the ``device`` key of the augmentation's ``block`` (absent:
+    false), ``auto`` meaning on a GPU. One that asks for it without a device path is an error, not a silent
+    CPU run."""
+    wanted = block.get("device", False)
     if wanted is True and not isinstance(augmentation, DeviceAugmentation):
         raise BlockError(("augmentation", "device"), f"{type(augmentation).__name__} has no device path (it lacks "
                                                      f"{', '.join(missing_members(augmentation, DeviceAugmentation))}"
@@ -216,7 +217,7 @@ def build_data(experiment: dict[str, Any], registry: Registry, rank: int, world_
     if not isinstance(augmentation, Augmentation):
         raise TypeError(f"augmentation '{experiment['augmentation']['name']}' does not meet the Augmentation "
                         f"protocol: it lacks {', '.join(missing_members(augmentation, Augmentation))}")
-    on_device = augments_on_device(augmentation, device)
+    on_device = augments_on_device(augmentation, experiment["augmentation"], device)
     images = registry.build("dataset", experiment["data"])
     if on_device:
         from sslcore.toolkit.device_views import pad_collate

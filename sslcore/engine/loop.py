@@ -186,6 +186,11 @@ class Trainer:
             self.run.truncate_metrics(self.metrics_records)  # the steps after the checkpoint are trained again
             self.run.remove_partial_checkpoints()  # a writer killed mid-checkpoint leaves its temporary folder
             self.run.write_config(self.cfg)
+            views_on = str(self.device) if self.data.on_device else "loader"
+            self.run.update_summary({"views_made_on": views_on})
+            if self.data.on_device:
+                print(f"sslcore: augmentation '{self.cfg['augmentation']['name']}' runs batched on {self.device}; "
+                      f"{self.loader_workers or 'no'} loader worker(s) only decode", flush=True)
             aim_cfg = self.cfg["tracking"]["aim"]
             repo = None
             if aim_cfg is not None:

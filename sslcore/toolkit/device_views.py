@@ -14,13 +14,13 @@ and the batch's position, so views repeat from the seed and across a resume):
 - colour jitter with probability ``jitter_prob``: brightness, contrast, saturation factors uniform in
   [max(0, 1 - v), 1 + v], hue uniform in [-h, h], applied in an order drawn per sample (torchvision's and
   albumentations' formulas, through kornia's ``adjust_*``);
-- grayscale (0.299 R + 0.587 G + 0.114 B), Gaussian blur with sigma uniform in ``blur_sigma`` (kornia's
-  ``gaussian_blur2d``, reflect-101 border), solarize at 0.5, horizontal flip, each with its probability.
+- grayscale (0.299 R + 0.587 G + 0.114 B), Gaussian blur with sigma uniform in ``blur_sigma`` (each sample's
+  kernel with albumentations' support of 2 int(3.5 sigma) + 1 taps, through kornia's ``filter2d_separable``,
+  reflect-101 border), solarize at 0.5, horizontal flip, each with its probability.
 
 Differences from the CPU path, none of them in a parameter's distribution: pixels stay float between the
-operations (albumentations rounds to uint8 after each); the blur kernel is 2 x int(3.5 x max sigma) + 1 for
-every sigma (albumentations: 2 x int(3.5 sigma) + 1, dropping the tails beyond 3.5 sigma, under 0.05% of the
-mass); the flip comes right after the crop (MoCo v2 flips last; a flip commutes with every other operation).
+operations (albumentations rounds to uint8 after each); the flip comes right after the crop (MoCo v2 flips
+last; a flip commutes with every other operation).
 """
 
 from __future__ import annotations
@@ -175,18 +175,30 @@ def grayscale(images: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
     return torch.where(apply[:, None, None, None], gray, images)
 
 
+def gaussian_kernels(sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """N x K one-dimensional Gaussian kernels, K = 2 int(3.5 max_sigma) + 1, each with albumentations' (and
+    PIL's) support for its own sigma: the taps within int(3.5 sigma) of the centre, normalised (a sigma under
+    2/7 leaves the centre tap alone: no blur, as on the CPU)."""
+    radius = int(3.5 * max_sigma)
+    taps = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
+    sigma = sigma.float()[:, None]
+    weights = torch.exp(-0.5 * (taps[None] / sigma) ** 2)
+    weights = weights * (taps[None].abs() <= torch.floor(3.5 * sigma))
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
 def gaussian_blur(images: torch.Tensor, apply: torch.Tensor, sigma: torch.Tensor,
                   max_sigma: float) -> torch.Tensor:
-    """Each sample where ``apply`` blurred with its own sigma (kernel 2 int(3.5 max_sigma) + 1, reflect-101)."""
-    from kornia.filters import gaussian_blur2d
+    """Each sample where ``apply`` blurred with its own sigma (:func:`gaussian_kernels`, separable,
+    reflect-101 border as cv2's default; kornia's ``filter2d_separable``)."""
+    from kornia.filters import filter2d_separable
 
     rows = torch.nonzero(apply).squeeze(1)
     if not rows.numel():
         return images
-    kernel = 2 * int(3.5 * max_sigma) + 1
+    kernels = gaussian_kernels(sigma[rows], max_sigma).to(images.dtype)
     out = images.clone()
-    sigmas = sigma[rows, None].expand(-1, 2).to(images.dtype)
-    out[rows] = gaussian_blur2d(images[rows], (kernel, kernel), sigmas, border_type="reflect")
+    out[rows] = filter2d_separable(images[rows], kernels, kernels, border_type="reflect")
     return out
 
 
@@ -246,4 +258,5 @@ def pad_collate(batch: list[tuple[torch.Tensor, int, int]]) -> tuple[tuple[torch
 
 
 __all__ = ["ViewParams", "ViewSpec", "apply_view", "color_jitter", "crop_resize", "device_views",
-           "gaussian_blur", "grayscale", "pad_collate", "sample_crops", "sample_view_params", "solarize"]
+           "gaussian_blur", "gaussian_kernels", "grayscale", "pad_collate", "sample_crops", "sample_view_params",
+           "solarize"]
