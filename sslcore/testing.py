@@ -3,7 +3,8 @@
 Installed with sslcore (entry point ``pytest11``), so a plugin's own tests can use the fixtures
 ``cifar10_dir`` (the shared CIFAR-10 ImageFolder, unpacked once into a cache outside the repository),
 ``cifar10_subset`` (a small fixed subset of it) and ``registry`` (a fresh registry without autoload, with
-only the built-in components), and call :func:`check_component` on each of their components.
+only the built-in components), and call :func:`check_component` on each of their components. Tests marked
+``gpu`` are skipped, with the reason, where no CUDA GPU is visible.
 """
 
 from __future__ import annotations
@@ -57,6 +58,22 @@ def make_subset(root: Path, target: Path, per_class: int) -> Path:
             if not link.exists():
                 link.symlink_to(file)
     return target
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, with the reason, where there is none)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped, with the reason, on a machine without a CUDA GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

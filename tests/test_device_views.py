@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import albumentations as A
 import cv2
@@ -20,7 +19,6 @@ from scipy.stats import ks_2samp
 
 from sslcore.config import BlockError
 from sslcore.engine.build import augments_on_device
-from sslcore.engine.loop import Trainer
 from sslcore.engine.rundir import RunDir
 from sslcore.registry import Registry
 from sslcore.testing import resume_repeats_the_run
@@ -291,15 +289,6 @@ def test_device_true_without_a_device_path_is_an_error():
         augments_on_device(augmentation, block, torch.device("cpu"))
     assert error.value.loc == ("augmentation", "device")
     assert augments_on_device(augmentation, {**block, "device": "auto"}, torch.device("cuda")) is False
-
-
-def test_sync_batchnorm_keeps_per_worker_statistics_on_cpu_workers(capsys):
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    trainer = SimpleNamespace(train_cfg={"sync_batchnorm": True}, session=SimpleNamespace(world_size=2),
-                              device=torch.device("cpu"), is_main=True)
-    assert Trainer._sync_batchnorm(trainer, model) is model
-    assert isinstance(model[1], torch.nn.BatchNorm2d)
-    assert "per worker" in capsys.readouterr().out
 
 
 def test_device_path_trains_and_resumes_exactly(cifar10_dir, tmp_path):

@@ -187,7 +187,8 @@ class Trainer:
             self.run.remove_partial_checkpoints()  # a writer killed mid-checkpoint leaves its temporary folder
             self.run.write_config(self.cfg)
             views_on = str(self.device) if self.data.on_device else "loader"
-            self.run.update_summary({"views_made_on": views_on})
+            group = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+            self.run.update_summary({"views_made_on": views_on, "device": str(self.device), "process_group": group})
             if self.data.on_device:
                 print(f"sslcore: augmentation '{self.cfg['augmentation']['name']}' runs batched on {self.device}; "
                       f"{self.loader_workers or 'no'} loader worker(s) only decode", flush=True)

@@ -15,6 +15,7 @@ from sslcore_barlowtwins.barlowtwins import BarlowTwins, BarlowTwinsConfig, Barl
 #: param_biases are every ndim == 1 parameter, which LARS' weight_decay_filter and lars_adaptation_filter
 #: exempt from weight decay and the trust ratio: the bias_and_norm group.
 RECIPE = {
+    "sync_batchnorm": True,  # facebookresearch/barlowtwins main.py:89 convert_sync_batchnorm
     "epochs": 1000, "batch_size": 2048,
     "optimizer": {"name": "lars", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-6, "trust_coefficient": 0.001},
     "lr_scaling": "linear", "warmup_epochs": 10, "schedule": "cosine", "final_lr": 0.001,

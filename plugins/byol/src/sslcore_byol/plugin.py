@@ -13,6 +13,7 @@ from sslcore_byol.byol import BYOL, BYOLConfig, BYOLLoss, BYOLLossConfig
 #: from 0, then cosine to 0), byol_experiment.py (LARS with exclude_bias_and_norm as both the weight-decay
 #: and the LARS-adaptation filter: biases and BN parameters get neither).
 RECIPE = {
+    "sync_batchnorm": True,  # deepmind-research byol: BatchNorm with cross_replica_axis (statistics over all replicas)
     "epochs": 1000, "batch_size": 4096,
     "optimizer": {"name": "lars", "lr": 0.2, "momentum": 0.9, "weight_decay": 1.5e-6, "trust_coefficient": 1e-3},
     "lr_scaling": "linear", "warmup_epochs": 10, "schedule": "cosine", "final_lr": 0.0,

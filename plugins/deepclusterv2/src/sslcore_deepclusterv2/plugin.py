@@ -20,6 +20,7 @@ from sslcore_deepclusterv2.deepclusterv2 import (
 #: without scaling it by the batch (lr_scaling none, as sslcore-swav); --wd 1e-6; 10 warmup epochs from
 #: --start_warmup 0.3 (0.0625 of 4.8); cosine to --final_lr 0.0048 (0.001 of 4.8); 800 epochs.
 RECIPE = {
+    "sync_batchnorm": True,  # facebookresearch/swav main_deepclusterv2.py:149 (--sync_bn pytorch, the default)
     "epochs": 800, "batch_size": 4096,
     "optimizer": {"name": "lars", "lr": 4.8, "momentum": 0.9, "weight_decay": 1e-6, "trust_coefficient": 0.001,
                   "clip_lr": False},

@@ -16,6 +16,7 @@ from sslcore_dino.dino import DINO, DINOConfig, DINOLoss, DINOLossConfig, SelfDi
 #: on the weights, none on biases and 1-D parameters (utils.get_params_groups), clip_grad 3.0 per parameter
 #: (utils.clip_gradients).
 RECIPE = {
+    "sync_batchnorm": True,  # main_dino.py:197, for ResNets (a ViT has no BatchNorm)
     "epochs": 300, "batch_size": 1024,
     "optimizer": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.04},
     "lr_scaling": "linear", "warmup_epochs": 10, "schedule": "cosine", "final_lr": 5e-4,

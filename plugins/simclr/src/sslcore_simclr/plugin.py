@@ -15,6 +15,7 @@ from sslcore_simclr.simclr import NTXentConfig, NTXentLoss, SimCLR, SimCLRConfig
 #: --train_epochs 100. model.py: ``exclude_from_weight_decay=['batch_normalization', 'bias']``, which LARS
 #: also excludes from the trust ratio (exclude_from_layer_adaptation defaults to it): the bias_and_norm group.
 RECIPE = {
+    "sync_batchnorm": True,  # google-research/simclr: BN over the global batch (`--global_bn`, default True)
     "epochs": 100, "batch_size": 4096,
     "optimizer": {"name": "lars", "lr": 0.3, "momentum": 0.9, "weight_decay": 1e-6, "trust_coefficient": 0.001},
     "lr_scaling": "linear", "warmup_epochs": 10, "schedule": "cosine", "final_lr": 0.0,

@@ -13,6 +13,7 @@ from sslcore_simsiam.simsiam import NegativeCosineConfig, NegativeCosineLoss, Si
 #: at init_lr throughout (its optimizer group has fix_lr). The official cosine is set once per epoch
 #: (adjust_learning_rate); sslcore's per step.
 RECIPE = {
+    "sync_batchnorm": True,  # facebookresearch/simsiam main_simsiam.py:161 convert_sync_batchnorm
     "epochs": 100, "batch_size": 512,
     "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
     "lr_scaling": "linear", "warmup_epochs": 0, "schedule": "cosine", "final_lr": 0.0,

@@ -14,6 +14,7 @@ from sslcore_swav.swav import SwappedPredictionLoss, SwAV, SwAVConfig, SwAVLoss,
 #: linear warmup from start_warmup to base_lr, then cosine to final_lr). The code sets the lr as given,
 #: without scaling it by the batch (the 256-batch scripts give 0.6 themselves): lr_scaling none.
 RECIPE = {
+    "sync_batchnorm": True,  # facebookresearch/swav main_swav.py:157 (--sync_bn pytorch, the default)
     "epochs": 800, "batch_size": 4096,
     "optimizer": {"name": "lars", "lr": 4.8, "momentum": 0.9, "weight_decay": 1e-6, "trust_coefficient": 1e-3,
                   "clip_lr": False},

@@ -14,6 +14,7 @@ from sslcore_vicreg.vicreg import VICReg, VICRegConfig, VICRegLoss, VICRegLossCo
 #: default of --epochs is 100; the README and the paper train 1000. exclude_bias_and_norm (p.ndim == 1) is
 #: both LARS filters: no weight decay and no trust ratio for the biases and BN parameters, at the one lr.
 RECIPE = {
+    "sync_batchnorm": True,  # facebookresearch/vicreg main_vicreg.py:107 convert_sync_batchnorm
     "epochs": 1000, "batch_size": 2048,
     "optimizer": {"name": "lars", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-6, "trust_coefficient": 0.001},
     "lr_scaling": "linear", "warmup_epochs": 10, "schedule": "cosine", "final_lr": 0.001,
