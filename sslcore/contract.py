@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from sslcore.api.errors import UserError
-from sslcore.api.hookspecs import PairedLoss
+from sslcore.api.hookspecs import DeviceAugmentation, PairedLoss
 from sslcore.api.recipe import TrainingStep
 from sslcore.engine.context import EvalContext, MethodContext
 from sslcore.registry import KIND_PROTOCOLS, LOSS_CALLS, Registry, declared_loss_call, missing_members
@@ -60,6 +60,25 @@ def _check_augmentation(registry: Registry, name: str, build: Callable[..., Any]
         if tuple(transform(_image()).shape) != (3, aug.eval_size, aug.eval_size):
             raise AssertionError(f"{name}: eval() and labelled() must return 3 x eval_size x eval_size tensors")
     pickle.loads(pickle.dumps(aug))
+    if isinstance(aug, DeviceAugmentation):
+        _check_device_views(name, aug)
+
+
+def _check_device_views(name: str, aug: DeviceAugmentation) -> None:
+    """The device path of a batch of two images of different sizes, padded as the loader pads them: one
+    float32 N x 3 x S x S tensor per view, repeated by a generator of the same seed."""
+    from sslcore.toolkit.device_views import pad_collate
+
+    images = [torch.from_numpy(_image()), torch.from_numpy(_image(1, 48)[:, :40].copy())]
+    (batch, sizes), _, _ = pad_collate([(image, 0, i) for i, image in enumerate(images)])
+    views = aug.device_views(batch, sizes, torch.Generator().manual_seed(0))
+    expected = [(2, 3, s, s) for s in aug.view_sizes]
+    if [tuple(v.shape) for v in views] != expected or any(v.dtype != torch.float32 for v in views):
+        raise AssertionError(f"{name}: device_views() must return one float32 N x 3 x S x S tensor per entry of "
+                             f"view_sizes {list(aug.view_sizes)}, got {[(tuple(v.shape), v.dtype) for v in views]}")
+    again = aug.device_views(batch, sizes, torch.Generator().manual_seed(0))
+    if not all(torch.equal(a, b) for a, b in zip(views, again)):
+        raise AssertionError(f"{name}: device_views() with generators of one seed must give the same views")
 
 
 def _check_encoder(registry: Registry, name: str, build: Callable[..., Any], tmp: Path) -> None:
