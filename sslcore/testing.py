@@ -119,7 +119,14 @@ def run_distributed(fn: Any, *args: Any, world_size: int = 2) -> list[Any]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_distributed_entry, args=(fn, args, world_size, tmp), nprocs=world_size, join=True)
+        try:
+            mp.spawn(_distributed_entry, args=(fn, args, world_size, tmp), nprocs=world_size, join=True)
+        except mp.ProcessExitedException:
+            # A rank killed by a signal after rank 0 passed the final barrier (so after every rank saved its
+            # result): gloo aborting in teardown ("terminate called without an active exception", SIGABRT)
+            # when a peer's sockets close first. The results are complete; any earlier death is a failure.
+            if not (Path(tmp) / "complete").exists():
+                raise
         return [torch.load(Path(tmp) / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
 
 
@@ -132,6 +139,8 @@ def _distributed_entry(rank: int, fn: Any, args: tuple[Any, ...], world_size: in
     result = fn(rank, world_size, *args)
     torch.save(result, Path(tmp) / f"rank{rank}.pt")
     dist.barrier()  # every rank's result is saved and no rank talks to the group any more
+    if rank == 0:
+        (Path(tmp) / "complete").touch()
     # Exit without tearing the group down: gloo's threads, destroyed by destroy_process_group or the
     # interpreter's teardown, abort a loaded machine's process now and then ("terminate called without an
     # active exception", SIGABRT) after its work is done and saved. The OS closes the sockets.
