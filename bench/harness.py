@@ -46,8 +46,9 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_trainer(data: dict[str, Any]):
-    """sslcore's own Trainer for ``data`` (an experiment dict), set up in this process (local backend)."""
+def make_trainer(data: dict[str, Any], device: str = "cpu", run_root: Path | None = None):
+    """sslcore's own Trainer for ``data`` (an experiment dict), set up in this process (local backend) on
+    ``device`` ("cpu" or "cuda"), its run folder in a new temporary folder (under ``run_root`` if given)."""
     from sslcore.config import resolve
     from sslcore.engine.loop import Trainer, WorkerSpec
     from sslcore.engine.rundir import RunDir
@@ -55,22 +56,25 @@ def make_trainer(data: dict[str, Any]):
     from sslcore.registry import Registry
 
     registry = Registry()
-    run_dir = Path(tempfile.mkdtemp(prefix="sslcore-bench-"))
-    data = merge(data, {"output_dir": str(run_dir)})
+    run_dir = Path(tempfile.mkdtemp(prefix="sslcore-bench-", dir=run_root))
+    data = merge(data, {"output_dir": str(run_dir), "scaling": {"use_gpu": device == "cuda"}})
     resolved = resolve(data, registry, source="bench")
     run = RunDir(run_dir / data["name"])
     run.path.mkdir(parents=True, exist_ok=True)
     spec = WorkerSpec(experiment=resolved.as_dict(), run_dir=str(run.path), source="bench")
-    trainer = Trainer(spec, LocalSession(use_gpu=False))
+    trainer = Trainer(spec, LocalSession(use_gpu=device == "cuda"))
     trainer.setup()
     return trainer
 
 
 def train_step(trainer: Any, views: list[Any]) -> Any:
-    """One of the Trainer's optimisation steps on pre-made views (image indices 0..N-1)."""
+    """One of the Trainer's optimisation steps on pre-made views (image indices 0..N-1), moved to its device
+    in its memory format."""
     import torch
 
-    return trainer.train_step(trainer._images(views), torch.arange(views[0].shape[0]), epoch=0)
+    memory_format = torch.channels_last if trainer.channels_last else torch.contiguous_format
+    views = [v.to(trainer.device, memory_format=memory_format) for v in views]
+    return trainer.train_step(views, torch.arange(views[0].shape[0]), epoch=0)
 
 
 def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> float:
