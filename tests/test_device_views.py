@@ -20,7 +20,6 @@ from scipy.stats import ks_2samp
 from sslcore.config import BlockError
 from sslcore.engine.build import augments_on_device
 from sslcore.engine.rundir import RunDir
-from sslcore.registry import Registry
 from sslcore.testing import resume_repeats_the_run
 from sslcore.toolkit.device_views import (
     ViewSpec,
@@ -278,17 +277,18 @@ def test_device_key_chooses_the_path(registry):
             on_cpu, on_gpu)
 
 
-def test_device_true_without_a_device_path_is_an_error():
-    """An augmentation whose config takes ``device`` but which has no device path (RotNet's extends the MAE
-    config) is refused with the key, not run on the CPU in silence; with auto it runs on the CPU."""
-    pytest.importorskip("sslcore_rotnet")
-    registry = Registry(autoload=False, modules=("sslcore_rotnet.plugin",))
-    block = {"name": "rotnet", "size": 32, "device": True}
-    augmentation = registry.build("augmentation", block)
+def test_device_true_without_a_device_path_is_an_error(registry):
+    """An augmentation without a device path (a ViewAugmentation: a plugin's own, as RotNet's) whose block asks
+    for it is refused with the key, not run on the CPU in silence; under auto it runs in the loader."""
+    from sslcore.components.augmentations import OneViewConfig, ViewAugmentation
+
+    augmentation = ViewAugmentation([A.Compose([A.RandomResizedCrop(size=(32, 32))])], OneViewConfig(size=32))
+    block = {"name": "my_crop", "device": True}
     with pytest.raises(BlockError, match="has no device path") as error:
         augments_on_device(augmentation, block, torch.device("cpu"))
     assert error.value.loc == ("augmentation", "device")
     assert augments_on_device(augmentation, {**block, "device": "auto"}, torch.device("cuda")) is False
+    assert augments_on_device(augmentation, {"name": "my_crop"}, torch.device("cuda")) is False
 
 
 def test_device_path_trains_and_resumes_exactly(cifar10_dir, tmp_path):

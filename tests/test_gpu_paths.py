@@ -5,6 +5,9 @@ too), faiss-gpu, and the GPU memory reported per epoch. ``bench/device_check.sh`
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +22,8 @@ from sslcore.registry import Registry
 from sslcore.testing import run_example_briefly
 from sslcore.toolkit.device_views import ViewSpec, apply_view, sample_view_params
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
 
 #: whether each method's official multi-GPU code shares BatchNorm statistics over the global batch
 OFFICIAL_SYNC_BN = {"simclr": True, "byol": True, "simsiam": True, "barlowtwins": True, "vicreg": True,
@@ -125,3 +129,21 @@ def test_faiss_gpu_kmeans_finds_the_cpu_clusters():
                for device in ("cpu", "gpu")}
     assert adjusted_rand_score(results["cpu"].assignments, results["gpu"].assignments) == 1.0
     assert adjusted_rand_score(labels, results["gpu"].assignments) == 1.0
+
+
+@pytest.mark.ray
+def test_the_device_check_runs_on_the_cpu(tmp_path):
+    """``bench/device_check.sh --cpu``: every part that can run without a GPU, into one folder (lightly's row
+    only where bench/.venv-lightly exists)."""
+    out = tmp_path / "check"
+    result = subprocess.run(["bash", str(REPO / "bench" / "device_check.sh"), "--cpu", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    summary = (out / "summary.md").read_text()
+    assert "| gpu tests | skipped |" in summary and "needs a CUDA GPU" in summary
+    assert "| throughput | passed |" in summary and "| moco run | passed |" in summary
+    table = (out / "throughput.md").read_text()
+    for model in ("ResNet-18, CIFAR stem, 32 px", "ViT-S/16"):
+        for row in ("model only", "end to end, CPU augmentation", "end to end, device augmentation"):
+            assert any(model in line and row in line for line in table.splitlines()), (model, row, table)
+    assert (out / "moco" / "summary.json").is_file() and (out / "pytest_gpu.xml").is_file()

@@ -115,8 +115,11 @@ class BYOLConfig(MoCoV2Config):
                                 "solo-learn's VICReg CIFAR recipe: 0.1 and 0.1).")
 
 
-class MAEConfig(DeviceOptions):
-    """Parameters of the MAE augmentation recipe."""
+class OneViewConfig(BaseModel):
+    """One random resized crop's size and area range, and the normalisation: what one-view recipes share
+    (MAE's; a plugin's own one-view recipe, such as RotNet's, extends it)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     size: int = Field(224, gt=0, description="Side of the square view and of the eval crop, in pixels.")
     scale: tuple[AreaFraction, AreaFraction] = Field(
@@ -131,6 +134,10 @@ class MAEConfig(DeviceOptions):
         if scale[0] > scale[1]:
             raise ValueError(f"scale is (min, max), got min {scale[0]} > max {scale[1]}")
         return scale
+
+
+class MAEConfig(OneViewConfig, DeviceOptions):
+    """Parameters of the MAE augmentation recipe."""
 
 
 class MultiCropConfig(DeviceOptions):
@@ -216,7 +223,8 @@ class ViewAugmentation(Augmentation):
     two draws of the same pipeline). Subclasses build the pipelines of their recipe, all of one size.
     """
 
-    def __init__(self, view_transforms: list[A.Compose], config: MoCoV2Config | MAEConfig | MultiCropConfig) -> None:
+    def __init__(self, view_transforms: list[A.Compose],
+                 config: MoCoV2Config | OneViewConfig | MultiCropConfig) -> None:
         import albumentations as A
 
         self.view_transforms = view_transforms

@@ -190,8 +190,10 @@ class Trainer:
             group = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
             self.run.update_summary({"views_made_on": views_on, "device": str(self.device), "process_group": group})
             if self.data.on_device:
+                decoders = (f"{self.loader_workers} loader workers decode" if self.loader_workers
+                            else "the loader decodes in this process")
                 print(f"sslcore: augmentation '{self.cfg['augmentation']['name']}' runs batched on {self.device}; "
-                      f"{self.loader_workers or 'no'} loader worker(s) only decode", flush=True)
+                      f"{decoders}", flush=True)
             aim_cfg = self.cfg["tracking"]["aim"]
             repo = None
             if aim_cfg is not None:

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 from torch import nn
 
 from sslcore.api.hookspecs import Method, Slots
-from sslcore.components.augmentations import IMAGENET_MEAN, IMAGENET_STD, MAEConfig, ViewAugmentation
+from sslcore.components.augmentations import IMAGENET_MEAN, IMAGENET_STD, OneViewConfig, ViewAugmentation
 from sslcore.toolkit.heads import MLPHead
 
 if TYPE_CHECKING:
@@ -204,7 +204,7 @@ class JigsawAugmentation(ViewAugmentation):
     def __init__(self, config: JigsawAugmentationConfig) -> None:
         import albumentations as A
 
-        super().__init__([], MAEConfig(size=config.eval_size, mean=config.mean, std=config.std))
+        super().__init__([], OneViewConfig(size=config.eval_size, mean=config.mean, std=config.std))
         self.size, self.cell, self.tile = config.size, config.cell_size, config.tile
         self.channel_jitter = config.channel_jitter
         self.view_sizes = [self.tile] * NUM_TILES

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 from sslcore.api.hookspecs import Method, Slots
-from sslcore.components.augmentations import AreaFraction, MAEConfig, ViewAugmentation
+from sslcore.components.augmentations import AreaFraction, OneViewConfig, ViewAugmentation
 from sslcore.toolkit.heads import MLPHead
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class RotNet(nn.Module, Method):
         return {"loss": loss, "rotation_accuracy": accuracy}
 
 
-class RotNetAugmentationConfig(MAEConfig):
+class RotNetAugmentationConfig(OneViewConfig):
     """Parameters of the RotNet augmentation: the official ``GenericDataset`` train transforms (the core's
     one-view ``size``, ``scale``, ``mean`` and ``std``; CIFAR-10's mean [125.3, 123.0, 113.9] / 255 and std
     [63.0, 62.1, 66.7] / 255)."""
