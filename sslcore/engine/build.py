@@ -233,6 +233,9 @@ def build_data(experiment: dict[str, Any], registry: Registry, rank: int, world_
     generator = torch.Generator()
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                         num_workers=loader_workers, worker_init_fn=seed_worker, generator=generator,
-                        pin_memory=pin_memory, persistent_workers=False, collate_fn=collate)
+                        pin_memory=pin_memory, collate_fn=collate,
+                        # the CPU path reseeds its augmentation per epoch in the workers' dataset copies, so they
+                        # restart each epoch; the device path's workers only decode and live through the run
+                        persistent_workers=on_device and loader_workers > 0)
     return TrainingData(augmentation=augmentation, dataset=dataset, loader=loader, sampler=sampler,
                         generator=generator, batch_size=batch_size, on_device=on_device)
