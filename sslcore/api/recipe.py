@@ -85,8 +85,9 @@ class TrainConfig(_Model):
     sync_batchnorm: bool = Field(
         False, description="BatchNorm statistics over the global batch (torch's SyncBatchNorm) with several GPU "
                            "workers, as the official multi-GPU recipes of SimCLR, BYOL, SimSiam, Barlow Twins, "
-                           "VICReg, SwAV and DINO do (their recipes set it). CPU workers keep per-worker statistics: "
-                           "torch's SyncBatchNorm runs on GPUs only, and the run says so at its start.")
+                           "VICReg, SwAV, DeepCluster v2 and DINO do (their recipes set it). CPU workers keep "
+                           "per-worker statistics (torch's SyncBatchNorm runs on GPUs only), and the run says so at "
+                           "its start.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Autocast dtype of the training step and the evaluators. auto: bf16 on a GPU that "
                             "supports it (else fp16), bf16 on a CPU with native bf16 (AVX512-BF16 or AMX), "

@@ -63,10 +63,10 @@ class RaySession(Session):
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         # Buffers need no broadcast each step: queues and memory banks are kept identical by gathering
-        # keys. BatchNorm statistics are per worker unless train.sync_batchnorm (the recipes of SimCLR, BYOL,
-        # SimSiam, Barlow Twins, VICReg, SwAV and DINO) made the layers SyncBatchNorm before this, on GPU
-        # workers (MoCo and PCL keep them per worker, as their official multi-GPU code does; CPU workers
-        # always do, torch's SyncBatchNorm running on GPUs only).
+        # keys. BatchNorm statistics are per worker unless train.sync_batchnorm (the recipes of SimCLR,
+        # BYOL, SimSiam, Barlow Twins, VICReg, SwAV, DeepCluster v2, DINO) made the layers SyncBatchNorm
+        # before this, on GPU workers (MoCo and PCL keep them per worker, as their official multi-GPU code
+        # does; CPU workers always do, torch's SyncBatchNorm running on GPUs only).
         # Buffers are synced once, from rank 0, as DDP wraps the model: every worker starts from the same
         # queue, as the official code's identically seeded processes do (an older torch has only
         # broadcast_buffers, whose False also skips that first sync).
