@@ -89,10 +89,10 @@ class DeviceAugmentation(Augmentation, Protocol):
     ``max_source_side``) and collate a batch padded to its largest image by repeating edges; the engine moves
     it pinned and non-blocking, and calls ``device_views`` with a generator on the device that it seeds per
     batch (from the epoch's seed and the batch's position: views repeat from the seed and across a resume).
-    ``views`` stays the CPU path of the same recipe, with the same parameters.
+    ``views`` stays the CPU path of the same recipe, with the same parameters. Which path runs is the
+    augmentation block's ``device`` key (true, false or auto: on a GPU), which its config declares.
     """
 
-    device: bool | str  #: True, False or "auto" (the device path when the training device is a GPU)
     max_source_side: int | None  #: the longest side a loader worker sends; None: as decoded
 
     def device_views(self, images: Tensor, sizes: Tensor, generator: torch.Generator) -> list[Tensor]:

@@ -300,7 +300,6 @@ class SpecAugmentation(ViewAugmentation):
         super().__init__([pipelines.setdefault(spec, albumentations_pipeline(spec)) for spec in specs], config)
         self.view_specs = list(specs)
         self.view_sizes = [spec.size for spec in specs]
-        self.device = config.device
         self.max_source_side = config.max_source_side
 
     def device_views(self, images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:

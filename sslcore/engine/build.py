@@ -187,7 +187,7 @@ class TrainingData:
     """The training images through the augmentation, and the loader each worker reads its shard with."""
 
     augmentation: Augmentation
-    dataset: MultiViewDataset
+    dataset: MultiViewDataset | DecodedImages
     loader: DataLoader
     sampler: EpochSampler
     generator: torch.Generator
@@ -222,7 +222,7 @@ def build_data(experiment: dict[str, Any], registry: Registry, rank: int, world_
     if on_device:
         from sslcore.toolkit.device_views import pad_collate
 
-        dataset: MultiViewDataset = DecodedImages(images, augmentation, augmentation.max_source_side)
+        dataset: MultiViewDataset | DecodedImages = DecodedImages(images, augmentation.max_source_side)
         collate = pad_collate
     else:
         dataset, collate = MultiViewDataset(images, augmentation), None

@@ -74,14 +74,17 @@ class MultiViewDataset(_SkipUnreadable):
         self.seed = seed
 
 
-class DecodedImages(MultiViewDataset):
+class DecodedImages(_SkipUnreadable):
     """Training items for augmentation on the device: ``(image, label, index)`` with ``image`` the decoded
     H x W x 3 uint8 tensor, shrunk (area resampling, aspect kept) when its longer side exceeds ``max_side``;
     batched by :func:`sslcore.toolkit.device_views.pad_collate`. Nothing here is random."""
 
-    def __init__(self, dataset: Dataset, augmentation: Augmentation, max_side: int | None) -> None:
-        super().__init__(dataset, augmentation)
+    def __init__(self, dataset: Dataset, max_side: int | None) -> None:
+        super().__init__(dataset)
         self.max_side = max_side
+
+    def set_seed(self, seed: int) -> None:
+        """Nothing to seed: the engine seeds the device path per batch."""
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:  # type: ignore[override]
         image, label = self._read(index)
