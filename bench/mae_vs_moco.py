@@ -22,7 +22,7 @@ from methods import KNN, sslcore_run
 
 REPO = HERE.parent
 VIT = {"name": "vit_tiny", "image_size": 32, "patch_size": 4}
-EPOCH_LINE = re.compile(r"sslcore: epoch (\d+)/\d+ .*?loss=([\d.e+-]+) .*?img_per_s=([\d.e+-]+)")
+EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+  loss ([\d.e+-]+)  ([\d.e+-]+) img/s", re.M)
 
 
 def config(method: str, args: argparse.Namespace) -> Path:

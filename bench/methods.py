@@ -42,7 +42,7 @@ EPOCH_KEYS = ("warmup_epochs", "epoch_queue_starts", "warmup_teacher_temp_epochs
 #: method keys counted in optimizer steps (SwAV's frozen prototypes), scaled with the budget's steps
 STEP_KEYS = ("freeze_prototypes_niters", "freeze_prototypes_steps")
 CIFAR_TRAIN_IMAGES = 50_000  # what the examples train on
-EPOCH_LINE = re.compile(r"sslcore: epoch (\d+)/\d+ .*?img_per_s=([\d.e+-]+)")
+EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+  loss [\d.e+-]+  ([\d.e+-]+) img/s", re.M)
 KNN = {"name": "knn", "k": 200, "temperature": 0.1, "every_epochs": 0,
        "data": {"name": "image_folder", "root": str(CIFAR / "test")}}
 

@@ -22,7 +22,7 @@ from harness import HERE, median, save
 
 REPO = HERE.parent
 CONFIG = REPO / "bench" / "configs" / "pcl_vs_moco.yaml"
-EPOCH_LINE = re.compile(r"sslcore: epoch (\d+)/\d+ .*?img_per_s=([\d.e+-]+) epoch_seconds=([\d.e+-]+)")
+EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+  loss [\d.e+-]+  ([\d.e+-]+) img/s  ([\d.e+-]+) s", re.M)
 
 
 def moco_config() -> Path:

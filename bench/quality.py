@@ -29,7 +29,7 @@ REPO = HERE.parent
 RUNS = HERE / "runs"
 CONFIG = "bench/configs/quality.yaml"
 LIGHTLY_PYTHON = HERE / ".venv-lightly" / "bin" / "python"
-EPOCH_LINE = re.compile(r"sslcore: epoch (\d+)/\d+ .*?img_per_s=([\d.e+]+)")
+EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+  loss [\d.e+-]+  ([\d.e+]+) img/s", re.M)
 
 
 def sslcore_run(name: str, seed: int, *overrides: str) -> dict:

@@ -34,8 +34,9 @@ class _Model(BaseModel):
 # -- the experiment file ----------------------------------------------------------------------------------
 
 class ScalingSection(_Model):
-    backend: Literal["ray", "local"] = Field(
-        "ray", description="ray: Ray Train TorchTrainer; local: the same loop in this process (debugging).")
+    backend: Literal["auto", "ray", "local"] = Field(
+        "auto", description="auto: in this process for one worker without --address, else Ray Train; ray: Ray "
+                            "Train's TorchTrainer (also for one worker); local: the same loop in this process.")
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0, description="Default: the machine's CPUs / workers.")
@@ -92,6 +93,8 @@ class Resolved:
     evaluators: list[Block]
     source: str
     lines: dict[Loc, int] = field(default_factory=dict)  # key path -> its line in the file (0: from --set)
+    fitted: dict[str, Any] = field(default_factory=dict)  # "slot.key" -> the value fitted to the images
+    image_side: int | None = None  # the images' side the fitted values follow
 
     def as_dict(self) -> dict[str, Any]:
         out = self.experiment.model_dump(mode="json")
@@ -471,11 +474,74 @@ def resolve_block(registry: Registry, kind: str, block: dict[str, Any], source: 
     return cast(Block, validated)
 
 
-def load_experiment(path: str | Path, registry: Registry, overrides: list[str] | None = None) -> Resolved:
-    """Read, override and validate an experiment file; raises :class:`ConfigError` with every problem."""
+def load_experiment(path: str | Path, registry: Registry, overrides: list[str] | None = None,
+                    fit: bool = True) -> Resolved:
+    """Read, override and validate an experiment file; raises :class:`ConfigError` with every problem.
+    ``fit``: what the file leaves out of the encoder and augmentation follows the images' size
+    (:func:`fit_to_images`)."""
     data, lines = load_yaml(path)
     apply_overrides(data, overrides or [], lines)
-    return resolve(data, registry, source=str(path), lines=lines)
+    resolved = resolve(data, registry, source=str(path), lines=lines)
+    return fit_to_images(resolved, data, registry) if fit else resolved
+
+
+#: how many of the first training images set the side that the fitted defaults follow
+FIT_SAMPLE = 8
+#: the slots whose left-out values follow the images, in order (the encoder first: a ViT's patch grid may
+#: round the side the augmentation then takes)
+FITTED_SLOTS = ("encoder", "augmentation")
+
+
+def fit_to_images(resolved: Resolved, data: dict[str, Any], registry: Registry) -> Resolved:
+    """``resolved`` with the encoder's and the augmentation's left-out values fitted to the training images:
+    a component's config that defines ``fit_to_images(side, current) -> {key: value}`` says what its keys
+    should be for images of ``side`` pixels (the median shorter side of the first :data:`FIT_SAMPLE`
+    images); only the keys the experiment (file and ``--set``) does not give are changed, and the result is
+    validated again. ``method: moco`` alone on CIFAR's 32 px images so trains 32 px views through the CIFAR
+    stem, not 224 px views through the ImageNet one. Images that cannot be read here leave it unchanged (the
+    data check reports them)."""
+    side = _image_side(resolved, registry)
+    if side is None:
+        return resolved
+    updated = copy.deepcopy(data)
+    fitted: dict[str, Any] = {}
+    for slot in FITTED_SLOTS:
+        block = resolved.blocks.get(slot)
+        if block is None:
+            continue
+        fit = getattr(registry.get(SLOT_KINDS[slot], block["name"]).config, "fit_to_images", None)
+        given = _as_block(data.get(slot)) or {}
+        if not isinstance(given, dict) or fit is None:
+            continue
+        values = {k: v for k, v in fit(side, block).items() if k not in given}
+        if not values:
+            continue
+        updated[slot] = {**given, **values}  # merged onto the method's default block as the file's own values
+        fitted.update({f"{slot}.{k}": v for k, v in values.items()})
+        side = values.get("image_size", side)  # a ViT's input side is the augmentation's
+    if not fitted:
+        return resolved
+    again = resolve(updated, registry, source=resolved.source, lines=resolved.lines)
+    again.fitted, again.image_side = fitted, side
+    return again
+
+
+def _image_side(resolved: Resolved, registry: Registry) -> int | None:
+    """The median shorter side of the first training images, or None when they cannot be read here."""
+    from sslcore.api.errors import UnreadableImage, UserError
+
+    try:
+        dataset = registry.build("dataset", resolved.blocks["data"])
+    except (UserError, OSError, KeyError):
+        return None
+    sides = []
+    for index in range(min(FIT_SAMPLE, len(dataset))):
+        try:
+            image = dataset[index][0]
+        except UnreadableImage:
+            continue
+        sides.append(min(image.shape[:2]))
+    return sorted(sides)[len(sides) // 2] if sides else None
 
 
 # -- JSON Schema ------------------------------------------------------------------------------------------

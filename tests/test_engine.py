@@ -27,7 +27,7 @@ def experiment(tmp_path: Path, subset: dict[str, Path], **overrides: object) -> 
         "output_dir": str(tmp_path / "runs"),
         "seed": 3,
         "method": {"name": "moco", "momentum": 0.99, "bn_splits": 2},
-        "encoder": {"name": "resnet18"},
+        "encoder": {"name": "resnet18", "cifar_stem": False},
         "augmentation": {"name": "moco_v2", "size": 32},
         "negatives": {"name": "queue", "size": 64},
         "data": {"name": "image_folder", "root": str(subset["train"])},
@@ -208,6 +208,15 @@ def test_ray_train_with_two_cpu_workers(tmp_path: Path, cifar10_subset: dict) ->
                          cwd=tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     run_dir = tmp_path / "runs" / "unit"
+    # the console a person reads: sslcore's lines, drawn by the driver; Ray's and aim's own in ray.log only
+    shown = out.stdout.splitlines()
+    assert shown[0] == f"sslcore: training on Ray Train (scaling.backend: ray); run folder {run_dir}"
+    assert [line.split("  ")[0] for line in shown if line.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
+    assert shown[-1] == "  report       sslcore report runs/unit"
+    chatter = ("RayTrainWorker", "TrainController", "core_worker", "RunStatusReporter", "writer thread",
+               "TrainingReport")
+    assert not [line for line in (out.stdout + out.stderr).splitlines() if any(c in line for c in chatter)]
+    assert "RunStatusReporter" in (run_dir / "ray.log").read_text()  # aim's, from the worker's own output
     assert len(train_losses(run_dir, epoch=1)) == 5
     assert len(list(run_dir.glob("checkpoint_*/state.pt"))) == 2
     summary = json.loads((run_dir / "summary.json").read_text())

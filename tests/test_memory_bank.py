@@ -210,7 +210,7 @@ def _experiment(folder: Path, subset: dict[str, Path], epochs: int) -> Path:
     config = {
         "name": "bank", "output_dir": str(folder / "runs"), "seed": 3,
         "method": {"name": "moco", "momentum": 0.0, "bn_splits": 2, "head_hidden_dim": 32, "dim": 16},
-        "encoder": {"name": "resnet18"},
+        "encoder": {"name": "resnet18", "cifar_stem": False},
         "augmentation": {"name": "moco_v2", "size": 32},
         "negatives": {"name": "memory_bank", "num_negatives": 64},
         "data": {"name": "image_folder", "root": str(subset["train"])},

@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     run.add_argument("--address", help="join this Ray cluster (default: start a local one)")
     run.add_argument("-v", "--verbose", action="store_true",
-                     help="also show Ray Train's own log lines (always kept in the run's ray.log)")
+                     help="also show Ray's, Ray Train's and aim's own output (always kept in the run's ray.log)")
 
     validate = commands.add_parser("validate", parents=[common], help="check an experiment file")
     validate.add_argument("file", type=Path)
@@ -122,8 +122,17 @@ def _load(args: argparse.Namespace, registry: Registry) -> Resolved:
     return load_experiment(args.file, registry, args.overrides)
 
 
+def _fitted_line(resolved: Resolved) -> str | None:
+    """What the experiment left out and the images' size chose, said once."""
+    if not resolved.fitted:
+        return None
+    values = ", ".join(f"{key} {json.dumps(value)}" for key, value in resolved.fitted.items())
+    return (f"sslcore: fitted to the {resolved.image_side} px training images: {values} (the recipe's are for "
+            f"larger images; give them in the experiment to choose otherwise)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from sslcore.engine.launch import EXIT_PREEMPTED, launch
+    from sslcore.engine.launch import EXIT_PREEMPTED, launch, run_dir_of
     from sslcore.engine.rundir import RunDir
 
     if args.file is None:
@@ -132,6 +141,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.file = RunDir(args.resume).config_file
     registry = _registry(args)
     resolved = _load(args, registry)
+    fitted = _fitted_line(resolved)
+    if fitted:
+        print(fitted, flush=True)
     metrics = launch(resolved, registry, args.plugin, resume=args.resume, address=args.address,
                      started=args.started, verbose=args.verbose)
     if metrics.get("preempted"):
@@ -139,7 +151,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"sslcore: stopped by SIGTERM at step {int(metrics['step'])} with a checkpoint; continue with "
               f"sslcore run --resume {run}", file=sys.stderr)
         return EXIT_PREEMPTED
-    print("sslcore: done " + json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
+    from sslcore.engine.console import final_summary
+
+    run = RunDir(args.resume) if args.resume else run_dir_of(resolved)
+    print("\n".join(final_summary(run.path.resolve(), resolved.as_dict(), time.time() - args.started)))
     return 0
 
 
@@ -149,9 +164,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     registry = _registry(args)
     resolved = _load(args, registry)
     method = dry_build(resolved, registry, dataset_size=check_data(resolved, registry))
+    fitted = _fitted_line(resolved)
     if args.resolved:
-        print(_resolved_yaml(resolved, method))
+        print((f"# {fitted.removeprefix('sslcore: ')}\n" if fitted else "") + _resolved_yaml(resolved, method))
         return 0
+    if fitted:
+        print(fitted)
     blocks = ", ".join(f"{slot}={block['name']}" for slot, block in resolved.blocks.items())
     print(f"{args.file}: ok ({blocks})")
     return 0

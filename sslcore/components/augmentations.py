@@ -37,7 +37,7 @@ operations run batched on the device, each sample with its own parameters
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -89,6 +89,11 @@ class MoCoV2Config(DeviceOptions):
             raise ValueError(f"scale is (min, max), got min {scale[0]} > max {scale[1]}")
         return scale
 
+    @classmethod
+    def fit_to_images(cls, side: int, current: dict[str, Any]) -> dict[str, Any]:
+        """Images smaller than the views (CIFAR's 32 px under an ImageNet recipe's 224): views of the images' side."""
+        return {"size": side} if side < current["size"] else {}
+
 
 class SimCLRConfig(MoCoV2Config):
     """Parameters of the SimCLR augmentation recipe."""
@@ -134,6 +139,11 @@ class OneViewConfig(BaseModel):
         if scale[0] > scale[1]:
             raise ValueError(f"scale is (min, max), got min {scale[0]} > max {scale[1]}")
         return scale
+
+    @classmethod
+    def fit_to_images(cls, side: int, current: dict[str, Any]) -> dict[str, Any]:
+        """Images smaller than the view: a view of the images' side."""
+        return {"size": side} if side < current["size"] else {}
 
 
 class MAEConfig(OneViewConfig, DeviceOptions):
@@ -186,6 +196,12 @@ class MultiCropConfig(DeviceOptions):
                 raise ValueError(f"{key} needs one probability per global crop: {self.global_crops} "
                                  f"(global_crops), got {len(getattr(self, key))}")
         return self
+
+    @classmethod
+    def fit_to_images(cls, side: int, current: dict[str, Any]) -> dict[str, Any]:
+        """Images smaller than the global crops: global crops of the images' side and local crops of half of it
+        (solo-learn's CIFAR multi-crop: 32 and 16 px)."""
+        return {"size": side, "local_size": max(1, side // 2)} if side < current["size"] else {}
 
 
 class DINOMultiCropConfig(MultiCropConfig):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,12 @@ class ResNetConfig(BaseModel):
     zero_init_residual: bool = Field(
         False, description="Initialise the last BatchNorm of each residual block to zero, so each block "
                            "starts as the identity (Goyal et al. 2017).")
+
+    @classmethod
+    def fit_to_images(cls, side: int, current: dict[str, Any]) -> dict[str, Any]:
+        """Images of 64 px or less (CIFAR, STL at 64): the CIFAR stem, as the CIFAR recipes of SimCLR, MoCo's
+        demo and solo-learn use; the ImageNet stem would bring 32 px down to 8 px before layer1."""
+        return {"cifar_stem": True} if side <= 64 and not current["cifar_stem"] else {}
 
 
 def _use_stem(model: models.ResNet, cifar_stem: bool, maxpool: bool | None) -> None:
@@ -133,6 +139,15 @@ class ViTConfig(BaseModel):
         0.0, ge=0, lt=1, description="Stochastic depth (Huang et al. 2016): block i of the n skips its attention "
                                      "and MLP branches for a sample with probability drop_path_rate * i / (n - 1) "
                                      "in training (DINO: 0.1 for ViT-S/16).")
+
+    @classmethod
+    def fit_to_images(cls, side: int, current: dict[str, Any]) -> dict[str, Any]:
+        """Images smaller than image_size: the images' side (down to a multiple of the patch), with 4 px patches
+        at 64 px or less (8 x 8 patches at 32 px, as the CIFAR ViTs of MAE's and MoCo v3's followers)."""
+        if side >= current["image_size"]:
+            return {}
+        patch = 4 if side <= 64 else current["patch_size"]
+        return {"image_size": side - side % patch, "patch_size": patch}
 
     @model_validator(mode="after")
     def _patches_tile_the_image(self) -> ViTConfig:

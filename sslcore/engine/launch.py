@@ -23,6 +23,7 @@ from sslcore.api.errors import UserError
 from sslcore.api.hookspecs import Method
 from sslcore.config import BlockError, Resolved
 from sslcore.engine.build import build, build_method, check_input_size
+from sslcore.engine.console import Console, ConsoleTail
 from sslcore.engine.context import MethodContext
 from sslcore.engine.loop import WorkerSpec, train_loop_per_worker
 from sslcore.engine.ray_worker import VERBOSE_ENV
@@ -108,13 +109,30 @@ def stop_on_sigterm(run: RunDir) -> Iterator[None]:
         run.clear_stop()
 
 
+def choose_backend(resolved: Resolved, address: str | None) -> tuple[str, str]:
+    """``scaling.backend`` with ``auto`` decided, and why: in this process for one worker on this machine
+    (Ray Train's start-up, ~20 s, and its idle actors, ~13% of a 2-core machine, buy one worker nothing:
+    bench/results.md), Ray Train for several workers or a cluster (``--address``, ``RAY_ADDRESS``)."""
+    scaling = resolved.experiment.scaling
+    cluster = address or os.environ.get("RAY_ADDRESS")
+    if scaling.backend == "ray":
+        return "ray", "scaling.backend: ray"
+    if scaling.backend == "local":
+        return "local", "scaling.backend: local"
+    if cluster:
+        return "ray", f"scaling.backend auto: the Ray cluster at {cluster}"
+    if scaling.num_workers > 1:
+        return "ray", f"scaling.backend auto: {scaling.num_workers} workers"
+    return "local", "scaling.backend auto: one worker on this machine; scaling.backend: ray for Ray Train"
+
+
 def launch(resolved: Resolved, registry: Registry, plugin_modules: list[str], resume: Path | None = None,
            address: str | None = None, started: float | None = None, verbose: bool = False) -> dict[str, Any]:
     """Train a validated experiment; returns the last epoch's metrics, or ``{"preempted": 1.0, "step": N}``
     for a run stopped by SIGTERM after its checkpoint.
 
     ``started`` (a ``time.time()``) is when the command began; the first step reports the time since.
-    ``verbose``: Ray Train's own log lines on the console too (they always go to the run's ray.log).
+    ``verbose``: Ray's and Ray Train's own output on the console too (it always goes to the run's ray.log).
     """
     started = started or time.time()
     # No dry build here: the workers build the method first thing and report a factory's error the same
@@ -123,12 +141,15 @@ def launch(resolved: Resolved, registry: Registry, plugin_modules: list[str], re
     if address is None:
         check_data(resolved, registry)
     run = prepare_run_dir(resolved, resume)
+    backend, why = choose_backend(resolved, address)
+    where = "in this process" if backend == "local" else "on Ray Train"
+    print(f"sslcore: training {where} ({why}); run folder {run.path}", flush=True)
     modules = (*plugin_modules, *resolved.experiment.plugins)
     spec = WorkerSpec(experiment=resolved.as_dict(), run_dir=str(run.path), plugins=modules,
                       autoload=registry.autoload, source=resolved.source, lines=resolved.lines, cwd=os.getcwd(),
                       cpus_per_worker=resolved.experiment.scaling.cpus_per_worker, launched_at=started,
-                      interactive=sys.stdout.isatty(), verbose=verbose)
-    if resolved.experiment.scaling.backend == "local":
+                      interactive=sys.stdout.isatty(), verbose=verbose, backend=backend)
+    if backend == "local":
         with stop_on_sigterm(run):
             return train_loop_per_worker(spec)
     return _fit_on_ray(spec, resolved, run, address)
@@ -163,9 +184,10 @@ def _fit_on_ray(spec: WorkerSpec, resolved: Resolved, run: RunDir, address: str 
         try:
             # "local": without --address (or RAY_ADDRESS) a cluster of this run's own, never one that another
             # `ray start` on the machine left running
+            # the workers' own output (Ray's and aim's lines) stays in Ray's log files, copied to the run's
+            # ray.log at the end; sslcore's lines reach this console through the run's console.jsonl
             ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                     log_to_driver=True,
-                     configure_logging=False, runtime_env=job_env)
+                     log_to_driver=spec.verbose, configure_logging=False, runtime_env=job_env)
         except ConnectionError as exc:
             raise UserError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[-1]}); "
                             f"check the address (ray status) or leave --address out to start a local one") from None
@@ -194,6 +216,8 @@ def _fit_on_ray(spec: WorkerSpec, resolved: Resolved, run: RunDir, address: str 
             # Ray Train's tracebacks of a user error (printed as one line below) go to ray.log only
             logging_config=LoggingConfig(log_level="INFO" if spec.verbose else "CRITICAL")),
     )
+    tail = ConsoleTail(run.console_file, Console(interactive=spec.interactive))
+    tail.start()
     try:
         with stop_on_sigterm(run):  # after ray.init, which installs a SIGTERM handler of its own
             result = _fit_off_main_thread(trainer)
@@ -205,9 +229,11 @@ def _fit_on_ray(spec: WorkerSpec, resolved: Resolved, run: RunDir, address: str 
             raise TrainingFailedError(f"{exc}\n(Ray Train's log: {run / RunDir.RAY_LOG})") from None
         raise
     finally:
+        tail.stop()
         shutil.rmtree(storage, ignore_errors=True)
         _copy_ray_train_logs(run)
         if started_here:
+            _copy_worker_output(run)
             ray.shutdown()
     lines = _take_error(run)
     if lines:
@@ -228,6 +254,24 @@ def _copy_ray_train_logs(run: RunDir) -> None:
         log.write(f"# Ray Train's logs of the launch at {time.strftime('%Y-%m-%dT%H:%M:%S')} ({folder})\n")
         for file in files:
             log.write(file.read_text(errors="replace"))
+
+
+def _copy_worker_output(run: RunDir) -> None:
+    """Append the stdout and stderr of this job's Ray processes (the training workers, Ray Train's controller:
+    what ``--verbose`` shows on the console) to the run's ray.log."""
+    import ray
+
+    try:
+        logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+        job = ray.get_runtime_context().get_job_id()
+    except AttributeError:  # another Ray release: its log folder is named in ray.log's copy of Ray Train's logs
+        return
+    files = sorted(logs.glob(f"worker-*-{job}-*.out")) + sorted(logs.glob(f"worker-*-{job}-*.err"))
+    with open(run / RunDir.RAY_LOG, "a") as log:
+        for file in files:
+            text = file.read_text(errors="replace")
+            if text.strip():
+                log.write(f"# {file}\n{text}")
 
 
 def _fit_off_main_thread(trainer: Any) -> Any:

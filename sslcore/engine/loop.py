@@ -17,6 +17,7 @@ boundary, agreed on by all workers, and answered by a checkpoint and a return wi
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import random
@@ -33,11 +34,12 @@ from sslcore.api.hookspecs import PatchEncoder
 from sslcore.api.recipe import TrainingStep
 from sslcore.config import BlockError, Loc, located_error
 from sslcore.engine.build import build, build_data, build_method, build_optimization, check_input_size
+from sslcore.engine.console import Console, ConsoleFile, Lines, LinesHandler
 from sslcore.engine.context import EvalContext, MethodContext
 from sslcore.engine.data import item_seed
 from sslcore.engine.rundir import RunDir
 from sslcore.engine.session import LocalSession, RaySession, Session
-from sslcore.engine.tracking import Tracker, progress_bar
+from sslcore.engine.tracking import Tracker
 from sslcore.registry import Registry
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,7 +59,8 @@ class WorkerSpec:
     cpus_per_worker: float | None = None  # default: the machine's CPUs / workers
     launched_at: float | None = None  # time.time() when the command started
     interactive: bool = False  # a person watches at a terminal: draw a progress bar
-    verbose: bool = False  # show Ray Train's own log lines on the console
+    verbose: bool = False  # show Ray's and Ray Train's own output on the console
+    backend: str = "local"  # where the loop runs: "local" (this process) or "ray" (a Ray Train worker)
 
 
 class Stopped(Exception):
@@ -144,8 +147,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class Trainer:
-    def __init__(self, spec: WorkerSpec, session: Session) -> None:
-        self.spec, self.session = spec, session
+    def __init__(self, spec: WorkerSpec, session: Session, console: Lines) -> None:
+        self.spec, self.session, self.console = spec, session, console
         self.cfg: dict[str, Any] = spec.experiment
         self.train_cfg: dict[str, Any] = self.cfg["train"]
         self.run = RunDir(spec.run_dir)
@@ -154,7 +157,7 @@ class Trainer:
         self.device = session.device
         self.autocast_dtype = AUTOCAST_DTYPES[resolve_precision(self.train_cfg["precision"], self.device)]
         self.channels_last = self.train_cfg["channels_last"]
-        self.bar = None  # a progress bar, made by fit() for a person at a terminal
+        self.show_progress = False  # the bar's position goes to the console (rank 0, tracking.progress_bar)
 
     # -- set-up --------------------------------------------------------------------------------------
 
@@ -188,12 +191,13 @@ class Trainer:
             self.run.write_config(self.cfg)
             views_on = str(self.device) if self.data.on_device else "loader"
             group = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
-            self.run.update_summary({"views_made_on": views_on, "device": str(self.device), "process_group": group})
+            self.run.update_summary({"views_made_on": views_on, "device": str(self.device), "process_group": group,
+                                     "backend": self.spec.backend})
             if self.data.on_device:
                 decoders = (f"{self.loader_workers} loader workers decode" if self.loader_workers
                             else "the loader decodes in this process")
-                print(f"sslcore: augmentation '{self.cfg['augmentation']['name']}' runs batched on {self.device}; "
-                      f"{decoders}", flush=True)
+                self.console.line(f"sslcore: augmentation '{self.cfg['augmentation']['name']}' runs batched on "
+                                  f"{self.device}; {decoders}")
             aim_cfg = self.cfg["tracking"]["aim"]
             repo = None
             if aim_cfg is not None:
@@ -255,8 +259,8 @@ class Trainer:
             return method
         if self.device.type != "cuda":
             if self.is_main:
-                print(f"sslcore: train.sync_batchnorm: BatchNorm statistics stay per worker on the "
-                      f"{self.session.world_size} CPU workers (torch's SyncBatchNorm runs on GPUs only)", flush=True)
+                self.console.line(f"sslcore: train.sync_batchnorm: BatchNorm statistics stay per worker on the "
+                                  f"{self.session.world_size} CPU workers (torch's SyncBatchNorm runs on GPUs only)")
             return method
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
 
@@ -386,12 +390,11 @@ class Trainer:
             if len(states) == self.session.world_size:
                 set_random_states(states[self.session.rank])
             elif self.is_main:
-                print(f"sslcore: the checkpoint was taken with {len(states)} workers, this run has "
-                      f"{self.session.world_size}: the rest of epoch {epoch + 1} draws other random numbers than "
-                      "the uninterrupted run would", flush=True)
+                self.console.line(f"sslcore: the checkpoint was taken with {len(states)} workers, this run has "
+                                  f"{self.session.world_size}: the rest of epoch {epoch + 1} draws other random "
+                                  "numbers than the uninterrupted run would")
             self.resumed_state = {}
         self.model.train()
-        bar = self.bar  # None unless a person watches at a terminal
         log_every = self.train_cfg["log_every_steps"]
         window_sum = torch.zeros((), device=self.device)
         window_steps = window_images = 0
@@ -399,7 +402,7 @@ class Trainer:
         out: dict[str, torch.Tensor] = {}
 
         def log_window(batches: int) -> None:
-            nonlocal window_start, window_steps, window_images
+            nonlocal window_start, window_steps, window_images, description
             window_loss = self.session.mean(window_sum).item() / window_steps
             self._check_finite(window_loss, epoch)
             now = time.perf_counter()
@@ -410,11 +413,10 @@ class Trainer:
             window_start, window_steps, window_images = now, 0, 0
             if self.tracker is not None:
                 self.tracker.log(metrics, step=self.step, epoch=epoch, subset="train")
-            if bar is not None:
-                bar.set_description(f"epoch {epoch + 1}/{self.epochs} loss {window_loss:.4f} "
-                                    f"{metrics['img_per_s']:.0f} img/s")
+            description = f"epoch {epoch + 1}/{self.epochs} loss {window_loss:.4f} {metrics['img_per_s']:.0f} img/s"
 
         batches = start
+        description = f"epoch {epoch + 1}/{self.epochs}"
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         for views, _, index in itertools.islice(self.loader, self.steps_per_epoch - start):
@@ -422,7 +424,7 @@ class Trainer:
             batches += 1
             if self.step == 1 and self.is_main and self.spec.launched_at:
                 startup = time.time() - self.spec.launched_at
-                print(f"sslcore: first step {startup:.1f} s after start", flush=True)
+                self.console.line(f"sslcore: first step {startup:.1f} s after start")
                 self.run.update_summary({"startup_seconds": startup})
             loss = out["loss"].detach()
             window_sum += loss
@@ -433,8 +435,8 @@ class Trainer:
             window_images += n
             if batches % log_every == 0 or batches == self.steps_per_epoch:
                 log_window(batches)
-            if bar is not None:
-                bar.update(1)
+            if self.show_progress:
+                self.console.progress(self.step, self.total_steps, description)
             if batches < self.steps_per_epoch:
                 stop, due = self._checkpoint_due()
                 if due:
@@ -499,20 +501,17 @@ class Trainer:
         self.setup()
         self.last_checkpoint = time.monotonic()
         done = self.start_epoch * self.steps_per_epoch + self.start_batch
-        # one bar for the whole run, for a person at a terminal; logs get the per-epoch lines only
-        self.bar = None
-        if self.is_main and self.cfg["tracking"]["progress_bar"] and self.spec.interactive:
-            self.bar = progress_bar(self.total_steps, under_ray=isinstance(self.session, RaySession))
-            self.bar.update(done)
+        # one bar for the whole run, for a person at a terminal (the console draws none in a log)
+        self.show_progress = self.is_main and self.cfg["tracking"]["progress_bar"]
         if self.is_main and self.resumed_from is not None:
             where = f"epoch {self.start_epoch + 1}" + (f", batch {self.start_batch + 1}" if self.start_batch else "")
-            print(f"sslcore: resuming {self.run.path} at {where} (step {self.step}) from {self.resumed_from}",
-                  flush=True)
+            self.console.line(f"sslcore: resuming {self.run.path} at {where} (step {self.step}) from "
+                              f"{self.resumed_from}")
         last: dict[str, Any] = {}
         if self.train_cfg["eval_at_start"] and done == 0:
             initial = self.evaluate(-1, final=True)
             if self.is_main and initial:
-                print("sslcore: before training (random-init floor): " + _fmt(initial), flush=True)
+                self.console.line("before training (random-init floor): " + _fmt(initial))
                 self.run.update_summary({"initial": initial})
         every = self.cfg["checkpoint"]["every_epochs"]
         try:
@@ -521,7 +520,7 @@ class Trainer:
                 final = epoch + 1 == self.epochs
                 metrics.update(self.evaluate(epoch, final=final))
                 if self.is_main:
-                    print(f"sslcore: epoch {epoch + 1}/{self.epochs} " + _fmt(metrics), flush=True)
+                    self.console.line(epoch_line(epoch, self.epochs, metrics))
                 stop, due = self._checkpoint_due()
                 stop = stop and not final
                 if final or due or (epoch + 1) % every == 0:
@@ -531,17 +530,15 @@ class Trainer:
                 if stop:
                     raise Stopped
         except Stopped:
-            if self.bar is not None:
-                self.bar.close()
+            self.console.close()
             if self.tracker is not None:
                 self.tracker.close()
             if self.is_main:
-                print(f"sslcore: stopped at step {self.step} on request; checkpoint written", flush=True)
+                self.console.line(f"sslcore: stopped at step {self.step} on request; checkpoint written")
             result = {"preempted": 1.0, "step": self.step}
             self.session.report(result)
             return result
-        if self.bar is not None:
-            self.bar.close()
+        self.console.close()
         self.train_end()
         if self.is_main:
             torch.save(self.method.backbone.state_dict(), self.run.backbone_file)
@@ -552,8 +549,16 @@ class Trainer:
 
 
 def _fmt(metrics: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-                    if k not in ("epoch",))
+    """``knn_top1 0.3 knn_top5 0.71``: each metric by its name, 4 significant digits."""
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def epoch_line(epoch: int, epochs: int, metrics: dict[str, Any]) -> str:
+    """An epoch's line: ``epoch 3/15  loss 4.8124  331 img/s  14.9 s  knn_top1 0.35``, then any other
+    metric of the method or the evaluators by its name."""
+    rest = {k: v for k, v in metrics.items() if k not in ("epoch", "step", "loss", "img_per_s", "epoch_seconds")}
+    return (f"epoch {epoch + 1}/{epochs}  loss {metrics['loss']:.4f}  {metrics['img_per_s']:.0f} img/s  "
+            f"{metrics['epoch_seconds']:.1f} s" + (f"  {_fmt(rest)}" if rest else ""))
 
 
 def train_loop_per_worker(spec: WorkerSpec) -> dict[str, Any]:
@@ -563,20 +568,29 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, Any]:
     line, and is not retried: a single worker returns; of several, the one that hit it raises (so that the
     others are not left waiting in a collective), and when Ray Train restarts the group every worker of the
     new attempt finds the error and returns at once."""
-    backend = spec.experiment["scaling"]["backend"]
     run = RunDir(spec.run_dir)
     if os.path.isdir(spec.cwd):
         os.chdir(spec.cwd)  # Ray starts workers elsewhere; relative paths in the file mean the user's folder
-    if backend == "local":
+    if spec.backend == "local":
         session: Session = LocalSession(use_gpu=spec.experiment["scaling"]["use_gpu"])
-        return Trainer(spec, session).fit()
+        console = Console(interactive=spec.interactive)
+        try:
+            return Trainer(spec, session, console).fit()
+        finally:
+            console.close()
     if run.read_error() is not None:
         return {"sslcore_error": 1.0}
     session = RaySession()
+    # the driver draws this file (sslcore.engine.console); the worker's own stdout stays in Ray's logs
+    lines = ConsoleFile(run.console_file)
+    warnings = LinesHandler(lines)
+    logging.getLogger("sslcore").addHandler(warnings)
     try:
-        return Trainer(spec, session).fit()
+        return Trainer(spec, session, lines).fit()
     except UserError as exc:
         run.write_error(session.rank, exc.lines)
         if session.world_size > 1:
             raise
         return {"sslcore_error": 1.0}
+    finally:
+        logging.getLogger("sslcore").removeHandler(warnings)

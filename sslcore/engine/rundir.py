@@ -96,6 +96,7 @@ class RunDir:
     STOP = ".stop"
     RAY = ".ray"
     RAY_LOG = "ray.log"
+    CONSOLE = "console.jsonl"  # on Ray: rank 0's console lines, which the driver draws
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -104,6 +105,10 @@ class RunDir:
         return self.path / name
 
     # -- the experiment ---------------------------------------------------------------------------------
+
+    @property
+    def console_file(self) -> Path:
+        return self.path / self.CONSOLE
 
     @property
     def config_file(self) -> Path:

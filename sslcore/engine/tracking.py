@@ -1,4 +1,4 @@
-"""Rank 0's record of a run: metrics.jsonl in the run folder, aim, and a console progress bar."""
+"""Rank 0's record of a run: metrics.jsonl in the run folder, and aim."""
 
 from __future__ import annotations
 
@@ -76,13 +76,3 @@ class Tracker:
         if self.aim_run is not None:
             self.aim_run.close()
 
-
-def progress_bar(total: int, under_ray: bool) -> Any:
-    """A tqdm bar; under Ray, Ray's own tqdm, which the driver renders for its workers."""
-    if under_ray:
-        from ray.experimental.tqdm_ray import tqdm as ray_tqdm
-
-        return ray_tqdm(total=total, unit="step")
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="step", dynamic_ncols=True)
