@@ -1,7 +1,36 @@
 """The contract every component meets, checked on tiny CPU inputs (see :func:`sslcore.testing.check_component`).
 
 Each kind's check builds the component from its defaults (datasets and evaluators get a small folder of
-images made here) and exercises the interface documented in :mod:`sslcore.api.hookspecs`.
+images made here), with torch seeded, checks it against its kind's protocol in :mod:`sslcore.api.hookspecs`
+(an AssertionError naming the members it lacks) and exercises that interface:
+
+- augmentation: ``views`` of a 32 x 32 image are one float32 3 x S x S tensor per ``view_sizes`` entry, the
+  same again after ``set_seed`` with the same seed; ``eval`` and ``labelled`` give 3 x eval_size x eval_size;
+  it pickles (loader workers get a copy); a DeviceAugmentation's ``device_views`` of a padded batch of two
+  images of different sizes are float32 N x 3 x S x S per view, the same from generators of one seed.
+- encoder: a 2 x 3 x S x S batch (S: ``input_size``, or 32) gives 2 x ``feature_dim``; a gradient reaches
+  its parameters.
+- negative_source (``dim=8, global_batch_size=4, dataset_size=16``): ``negatives(q, k, index)`` of 4 unit
+  queries and keys (with indices when ``needs_index``) is K x 8 and ``exclude`` None or 4 x K; ``positive``
+  is shaped like k; ``update`` runs; its state_dict loads into a fresh one.
+- loss: called as its class declares, ``loss(q, k, negatives, None)`` (4 x 8 unit rows, 16 unit negatives)
+  or ``loss(z1, z2)`` (4 x 8): a finite 0-dim loss whose gradient reaches q (z1), and ``metrics()`` detached
+  0-dim tensors; a loss with its plugin's own call only has that protocol's members (its method's check
+  runs it).
+- dataset: built on a folder of 2 classes x 4 PNGs (``file_list``: a list of them): ``targets`` as long as the
+  dataset, items ``(H x W x 3 uint8 array, int)``; ``cifar10`` without its files and ``download: false``:
+  a UserError that says ``download: true``.
+- evaluator: on a folder of 2 classes x 16 images, ``evaluate`` of a ResNet-18 returns a non-empty dict of
+  floats.
+- clustering (``num_clusters: [4, 8]``): ``fit`` of 64 unit vectors gives one result per granularity:
+  L2-normalised K x D centroids, N assignments in [0, K), N non-negative distances.
+- method: ``method: NAME`` alone, resolved as an experiment file (its slots' defaults and its recipe) at
+  32 px and batch 16, built by the engine with its optimizer: a Method with ``backbone`` an ``nn.Module``;
+  ``on_step_start``, ``forward`` on the augmentation's views of 16 images (and indices when ``uses_index``)
+  returning a finite 0-dim "loss" and only 0-dim tensors, a gradient on its parameters,
+  ``before_optimizer_step``, an optimizer step, ``after_optimizer_step``.
+- optimizer: built over two parameter groups (lr 0.1 and 0.01): a ``torch.optim.Optimizer`` that keeps each
+  group's lr, and a step moves a parameter.
 """
 
 from __future__ import annotations
@@ -15,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import BaseModel
 
 from sslcore.api.errors import UserError
 from sslcore.api.hookspecs import DeviceAugmentation, PairedLoss
@@ -262,9 +292,17 @@ CHECKS = {"augmentation": _check_augmentation, "encoder": _check_encoder,
           "optimizer": _check_optimizer}
 
 
+def _required_examples(config: type[BaseModel]) -> dict[str, Any]:
+    """The first example of each required parameter (``Field(examples=[...])``): what the contract builds a
+    component with that has no default for it (the timm encoder's ``model``)."""
+    return {key: info.examples[0] for key, info in config.model_fields.items() if info.is_required() and info.examples}
+
+
 def check(registry: Registry, kind: str, name: str) -> None:
-    """Raise AssertionError naming the component when it breaks its kind's contract."""
+    """Raise AssertionError naming the component when it breaks its kind's contract (built from its defaults;
+    a required key from its first example)."""
     component = registry.get(kind, name)
+    example = _required_examples(component.config)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        CHECKS[kind](registry, name, lambda params, **kw: component.build(params, **kw), Path(tmp))
+        CHECKS[kind](registry, name, lambda params, **kw: component.build({**example, **params}, **kw), Path(tmp))

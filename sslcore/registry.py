@@ -83,6 +83,7 @@ def declared_loss_call(cls: type | None) -> type | None:
 BUILTIN_MODULES = (
     "sslcore.components.augmentations",
     "sslcore.components.encoders",
+    "sslcore.components.timm_encoders",
     "sslcore.components.negatives",
     "sslcore.components.losses",
     "sslcore.components.clustering",

@@ -8,6 +8,12 @@ For the torchvision ResNets the file loads with no sslcore import::
     model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); model.maxpool = torch.nn.Identity()
     model.load_state_dict(torch.load("backbone.pt", weights_only=True))
 
+For a timm encoder (``encoder: {name: timm, model: M, ...}``) it loads, with no sslcore import, into timm's own
+model, given those of the block's img_size, patch_size, dynamic_img_size and drop_path_rate that it sets::
+
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=4)
+    model.load_state_dict(torch.load("backbone.pt", weights_only=True))
+
 Beside it goes the run's experiment (``backbone.yaml`` for ``backbone.pt``), from which ``sslcore eval``
 rebuilds the encoder and its eval transform.
 """
