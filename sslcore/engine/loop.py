@@ -424,7 +424,9 @@ class Trainer:
             batches += 1
             if self.step == 1 and self.is_main and self.spec.launched_at:
                 startup = time.time() - self.spec.launched_at
-                self.console.line(f"sslcore: first step {startup:.1f} s after start")
+                evaluated = (f" ({self.initial_eval_seconds:.1f} s of it the evaluation before training)"
+                             if self.initial_eval_seconds else "")
+                self.console.line(f"sslcore: first step {startup:.1f} s after start{evaluated}")
                 self.run.update_summary({"startup_seconds": startup})
             loss = out["loss"].detach()
             window_sum += loss
@@ -508,11 +510,14 @@ class Trainer:
             self.console.line(f"sslcore: resuming {self.run.path} at {where} (step {self.step}) from "
                               f"{self.resumed_from}")
         last: dict[str, Any] = {}
+        self.initial_eval_seconds = 0.0
         if self.train_cfg["eval_at_start"] and done == 0:
+            began = time.perf_counter()
             initial = self.evaluate(-1, final=True)
+            self.initial_eval_seconds = time.perf_counter() - began
             if self.is_main and initial:
                 self.console.line("before training (random-init floor): " + _fmt(initial))
-                self.run.update_summary({"initial": initial})
+                self.run.update_summary({"initial": initial, "initial_eval_seconds": self.initial_eval_seconds})
         every = self.cfg["checkpoint"]["every_epochs"]
         try:
             for epoch in range(self.start_epoch, self.epochs):
