@@ -14,5 +14,23 @@ plugins=()
 for dir in plugins/*/ examples/custom_loss_plugin/; do
   [ -f "$dir/pyproject.toml" ] && plugins+=(-e "$dir")
 done
-python -m pip install --quiet -e ".[test,umap]" "${plugins[@]}"
+python -m pip install --quiet -e ".[test,umap,timm]" "${plugins[@]}"
 python scripts/prepare_cifar10.py
+
+# The browser test (tests/test_aim_ui.py) drives Debian's chromium with Playwright for Python (the test
+# extra). Never `playwright install`: it downloads a browser of its own. Where chromium cannot be installed
+# this warns, and the test fails saying what is missing.
+install_chromium() {
+  local sudo=()
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || return 1
+    sudo=(sudo)
+  fi
+  command -v apt-get >/dev/null || return 1
+  ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+    ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+}
+if [ ! -x /usr/bin/chromium ] && ! install_chromium; then
+  echo "setup.sh: could not install Debian's chromium (apt-get, as root or with sudo);" \
+       "tests/test_aim_ui.py needs /usr/bin/chromium" >&2
+fi

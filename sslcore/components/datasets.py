@@ -53,6 +53,14 @@ def _scan(folder: str, extensions: tuple[str, ...]) -> list[str]:
     """Image files under ``folder`` and its subfolders, as sorted paths relative to ``folder``.
 
     Hidden files and folders (``.name``) are skipped: editor checkpoints, macOS ``._`` resource forks.
+
+    Not torchvision's ``make_dataset``, which gives the same files for flat class folders (with an
+    ``is_valid_file`` that skips hidden paths; tests/test_library_equivalence.py) but walks with ``os.walk``,
+    which passes over a folder it cannot list without a word (an unreadable subfolder; a symlink loop, whose
+    files it then lists 40 times), orders nested files folder by folder (so ``max_per_class`` picks other
+    files), descends into hidden folders and has no unlabeled layout. The extension test is the one of
+    torchvision's ``has_file_allowed_extension``, written out: the driver scans the folder before a run
+    starts (``check_data``), and importing torchvision there would cost ~2.5 s of every start.
     """
     found: list[str] = []
     pending = [""]
@@ -84,7 +92,11 @@ def _class_files(root: str, classes: list[str], extensions: tuple[str, ...],
 
 def _folder_files(root: str, labeled: bool, extensions: tuple[str, ...],
                   max_per_class: int | None) -> tuple[list[str], list[str], list[int]]:
-    """The classes (the sorted class folders; none when unlabeled), image paths and labels of ``root``."""
+    """The classes (the sorted class folders; none when unlabeled), image paths and labels of ``root``.
+
+    Not torchvision's ``find_classes``, which counts hidden folders (``.ipynb_checkpoints``) as classes and
+    raises where a folder of images without class folders is read unlabeled here.
+    """
     with os.scandir(root) as entries:
         top = [e for e in entries if not e.name.startswith(".")]
     class_names = sorted(e.name for e in top if e.is_dir())

@@ -47,6 +47,12 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     parameter gradients, training on W workers then computes the gradients of one worker on the global
     batch (for a loss that every worker computes on the gathered tensor, or that is a per-worker mean).
     Every worker must pass a tensor of the same shape; with one process this is the identity.
+
+    ``torch.distributed.nn.functional.all_gather`` gives the same values and the same gradients (its backward
+    sums too; tests/test_library_equivalence.py), but torch 2.14 deprecates it (a FutureWarning in every run's
+    log) for the private ``torch.distributed._functional_collectives.all_gather_single``, which older torch
+    releases (sslcore supports 2.4 on) lack; the maintainers point users to a custom autograd function
+    meanwhile (pytorch/pytorch#121587). Hence these few lines of public collectives.
     """
     if not is_distributed():
         return tensor

@@ -257,9 +257,12 @@ def picture_grid(images: torch.Tensor, reconstruction: torch.Tensor, mask: torch
 
     The method does not know the augmentation's mean and std, so each image's channels are stretched to
     [0, 1] by the original's minimum and maximum, and its reconstruction by the same map. Cells are enlarged
-    to at least 128 px by an integer factor (nearest), so patches stay sharp.
+    to at least 128 px by an integer factor (nearest), so patches stay sharp. The cells are laid out by
+    torchvision's ``make_grid``; its own ``normalize`` is not this stretch (one range per image over all its
+    channels, and the reconstruction by its own).
     """
     from PIL import Image
+    from torchvision.utils import make_grid
 
     low = images.amin(dim=(2, 3), keepdim=True)  # N x 3 x 1 x 1
     span = (images.amax(dim=(2, 3), keepdim=True) - low).clamp(min=1e-6)
@@ -269,6 +272,6 @@ def picture_grid(images: torch.Tensor, reconstruction: torch.Tensor, mask: torch
     masked = original.masked_fill(masked_pixels, 0.5)  # N x 3 x S x S
     rows = [original, masked, ((reconstruction - low) / span).clamp(0, 1)]
     factor = max(1, 128 // images.shape[-1])
-    grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)  # 3 x 3S x NS
+    grid = make_grid(torch.cat(rows), nrow=images.shape[0], padding=0)  # 3 x 3S x NS
     grid = grid.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
     return Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy())

@@ -42,6 +42,8 @@ from sslcore.components.losses import InfoNCEConfig, InfoNCELoss
 from sslcore.toolkit.distributed import broadcast, rank
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from sslcore.engine.context import MethodContext
 
 
@@ -279,8 +281,6 @@ def write_prototype_grid(context: MethodContext, features: torch.Tensor, result:
                          epoch: int, path: Path, neighbours: int = 5, cell: int = 64) -> None:
     """A PNG with one row per prototype (``count`` drawn at random among the non-empty ones): the
     ``neighbours`` training images whose embeddings are nearest (cosine) to it, as in the paper's figure."""
-    from PIL import Image
-
     from sslcore.engine.data import EvalDataset
 
     sizes = result.sizes()
@@ -290,12 +290,19 @@ def write_prototype_grid(context: MethodContext, features: torch.Tensor, result:
     nearest = similarity.topk(min(neighbours, features.shape[0]), dim=1).indices  # count x neighbours
     # the raw uint8 images, unreadable ones replaced as in training
     dataset = EvalDataset(context.registry.build("dataset", context.eval_context.train_data), lambda image: image)
-    grid = Image.new("RGB", (cell * nearest.shape[1], cell * len(chosen)), "white")
-    for row, ids in enumerate(nearest.tolist()):
-        for col, i in enumerate(ids):
-            image = Image.fromarray(np.asarray(dataset[i][0])).resize((cell, cell), Image.BICUBIC)
-            grid.paste(image, (col * cell, row * cell))
-    grid.save(path)
+    image_grid([[np.asarray(dataset[i][0]) for i in ids] for ids in nearest.tolist()], cell).save(path)
+
+
+def image_grid(rows: list[list[np.ndarray]], cell: int) -> Image.Image:
+    """One row of cells per list of ``rows`` (all as long; H x W x 3 uint8 images), each image resized to
+    ``cell`` x ``cell`` pixels (bicubic), side by side without gaps (torchvision's ``make_grid``)."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    cells = [torch.from_numpy(np.array(Image.fromarray(image).resize((cell, cell), Image.BICUBIC)))
+             for row in rows for image in row]  # cell x cell x 3 each
+    grid = make_grid(torch.stack(cells).permute(0, 3, 1, 2), nrow=len(rows[0]), padding=0)  # 3 x H x W
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
 
 
 def _after_load(module: PCL, incompatible_keys: object) -> None:
