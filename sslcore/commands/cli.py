@@ -1,4 +1,4 @@
-"""The ``sslcore`` command: run | validate | plugins | schema | export | eval | report.
+"""The ``sslcore`` command: run | validate | plugins | schema | export | eval | report | new-plugin.
 
 User errors (a bad experiment file, an unknown component, unreadable data, a NaN loss) print one line each
 and exit with code 2, without a traceback, on the Ray backend as in-process.
@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", parents=[common], help="write RUN_DIR/report.md: config, curves, "
                                                                   "evaluation tables and plots")
     report.add_argument("run_dir", type=Path)
+
+    from sslcore.commands.new_plugin import add_parser as add_new_plugin
+
+    add_new_plugin(commands)
     return parser
 
 
@@ -166,7 +170,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     method = dry_build(resolved, registry, dataset_size=check_data(resolved, registry))
     fitted = _fitted_line(resolved)
     if args.resolved:
-        print((f"# {fitted.removeprefix('sslcore: ')}\n" if fitted else "") + _resolved_yaml(resolved, method))
+        print(_resolved_yaml(resolved, method, fitted))
         return 0
     if fitted:
         print(fitted)
@@ -175,8 +179,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolved_yaml(resolved: Resolved, method: object) -> str:
-    """The resolved experiment as YAML, headed by comments with the learning rate of each parameter group."""
+def _resolved_yaml(resolved: Resolved, method: object, fitted: str | None = None) -> str:
+    """The resolved experiment as YAML, headed by comments with the learning rate of each parameter group (and
+    what was fitted to the images)."""
     import yaml
 
     from sslcore.engine.build import parameter_groups
@@ -198,6 +203,8 @@ def _resolved_yaml(resolved: Resolved, method: object) -> str:
         lines.append(f"# param group {group['group']} ({len(group['params'])} tensors, {count / 1e6:.2f} M): "
                      f"peak lr {group['lr']:.6g}, weight decay {group['weight_decay']:g}"
                      + (f", {', '.join(extras)}" if extras else ""))
+    if fitted:
+        lines.append(f"# {fitted.removeprefix('sslcore: ')}")
     return "\n".join(lines) + "\n" + yaml.safe_dump(experiment, sort_keys=False).rstrip()
 
 
@@ -276,8 +283,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from sslcore.commands.new_plugin import cmd_new_plugin as new_plugin
+
+    return new_plugin(args)
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "schema": cmd_schema,
-            "export": cmd_export, "eval": cmd_eval, "report": cmd_report}
+            "export": cmd_export, "eval": cmd_eval, "report": cmd_report, "new-plugin": cmd_new_plugin}
 
 if __name__ == "__main__":
     sys.exit(main())
