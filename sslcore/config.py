@@ -532,7 +532,7 @@ def _image_side(resolved: Resolved, registry: Registry) -> int | None:
 
     try:
         dataset = registry.build("dataset", resolved.blocks["data"])
-    except (UserError, OSError, KeyError):
+    except (UserError, OSError, KeyError, ValueError):  # the data check says what is wrong with the block
         return None
     sides = []
     for index in range(min(FIT_SAMPLE, len(dataset))):

@@ -176,14 +176,14 @@ def test_what_the_experiment_gives_is_kept_and_large_images_keep_the_recipe(tmp_
 def test_a_vit_takes_the_images_side_in_4_px_patches_and_the_views_follow(tmp_path: Path,
                                                                           registry: Registry) -> None:
     registry.add_module("sslcore_moco.plugin")
-    chosen, experiment = fitted(tmp_path, registry, 30, "method: moco\nencoder: {{name: vit_tiny, image_size: 224, "
-                                                        "patch_size: 16}}\naugmentation: {{name: moco_v2}}\n"
+    chosen, experiment = fitted(tmp_path, registry, 30, "method: moco\nencoder: vit_tiny\n"
                                                         "data: {{name: image_folder, root: {root}}}\n")
-    assert chosen == {"augmentation.size": 30}  # the file gives the ViT's sizes: kept (and then refused below)
-    chosen, experiment = fitted(tmp_path / "b", registry, 30, "method: moco\nencoder: vit_tiny\n"
-                                                              "data: {{name: image_folder, root: {root}}}\n")
-    assert chosen == {"augmentation.size": 28}  # vit_tiny's own 32 px: 30 px images make 28 = 7 x 4 px patches
-    assert chosen == {"augmentation.size": 28} or experiment
+    # vit_tiny's own 32 px: 30 px images make 28 px = 7 x 7 patches of 4 px, and the views follow the ViT
+    assert chosen == {"encoder.image_size": 28, "encoder.patch_size": 4, "augmentation.size": 28}
+    assert (experiment["encoder"]["image_size"], experiment["augmentation"]["size"]) == (28, 28)
+    chosen, _ = fitted(tmp_path / "b", registry, 30, "method: moco\nencoder: {{name: vit_tiny, image_size: 224, "
+                                                      "patch_size: 16}}\ndata: {{name: image_folder, root: {root}}}\n")
+    assert chosen == {"augmentation.size": 30}  # the file gives the ViT's sizes: kept
 
 
 def test_final_summary_names_the_run_folder_the_aim_command_and_the_report(tmp_path: Path,

@@ -60,10 +60,14 @@ def check_data(resolved: Resolved, registry: Registry) -> int:
     """Open the training and evaluation datasets once here (a folder scan), so a wrong path fails before Ray
     starts; returns the number of training images. Skipped for a remote cluster (``--address``), whose workers
     may see other files than this machine."""
-    size = len(registry.build("dataset", resolved.blocks["data"]))
-    for evaluator in resolved.evaluators:
-        for block in [v for v in evaluator.values() if isinstance(v, dict) and "name" in v]:
-            registry.build("dataset", block)
+    try:  # a factory's ValueError (settings that cannot work) is one line naming the block, as everywhere
+        size = len(build(registry, "dataset", ("data",), resolved.blocks["data"]))
+        for i, evaluator in enumerate(resolved.evaluators):
+            for key, block in evaluator.items():
+                if isinstance(block, dict) and "name" in block:
+                    build(registry, "dataset", ("evaluators", i, key), block)
+    except BlockError as exc:
+        raise resolved.error(exc.loc, exc.message) from None
     return size
 
 
