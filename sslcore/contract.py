@@ -1,8 +1,9 @@
 """The contract every component meets, checked on tiny CPU inputs (see :func:`sslcore.testing.check_component`).
 
-Each kind's check builds the component from its defaults (datasets and evaluators get a small folder of
-images made here), with torch seeded, checks it against its kind's protocol in :mod:`sslcore.api.hookspecs`
-(an AssertionError naming the members it lacks) and exercises that interface:
+Each kind's check builds the component from its defaults (a required parameter from the first of its
+``Field(examples=[...])``; datasets and evaluators get a small folder of images made here), with torch
+seeded, checks it against its kind's protocol in :mod:`sslcore.api.hookspecs` (an AssertionError naming the
+members it lacks) and exercises that interface:
 
 - augmentation: ``views`` of a 32 x 32 image are one float32 3 x S x S tensor per ``view_sizes`` entry, the
   same again after ``set_seed`` with the same seed; ``eval`` and ``labelled`` give 3 x eval_size x eval_size;

@@ -1,20 +1,46 @@
-"""pytest plugin for sslcore and for plugin authors: real CIFAR-10 images, a registry, a contract test.
+"""pytest plugin for sslcore and for plugin authors: real CIFAR-10 images, a registry, and the checks the
+plugins' tests share.
 
-Installed with sslcore (entry point ``pytest11``), so a plugin's own tests can use the fixtures
-``cifar10_dir`` (the shared CIFAR-10 ImageFolder, unpacked once into a cache outside the repository),
-``cifar10_subset`` (a small fixed subset of it) and ``registry`` (a fresh registry without autoload, with
-only the built-in components), and call :func:`check_component` on each of their components. Tests marked
-``gpu`` are skipped, with the reason, where no CUDA GPU is visible.
+Installed with sslcore (entry point ``pytest11``), so a plugin's own tests get these fixtures:
+
+- ``cifar10_dir: Path``, session-scoped: a folder with ``train/`` and ``test/``, the CIFAR-10 ImageFolders of
+  JPEGs (50,000 and 10,000 images, one folder per class): ``$SSLCORE_CACHE/cifar10`` (default
+  ``~/.cache/sslcore/cifar10``) where ``scripts/setup.sh`` put them, else unpacked there once from the shared
+  archive (``$SSLCORE_CIFAR10_ARCHIVE``, or ``shared/data/cifar10-jpg.tar.gz`` beside an ancestor of the
+  working directory). Tests never download; with neither, the fixture fails, naming both places.
+- ``cifar10_subset: dict[str, Path]``, session-scoped: ``{"train": ..., "test": ...}``, two ImageFolders of
+  symlinks to the first 20 (train) and 10 (test) images of each class of ``cifar10_dir``, 200 and 100 images.
+- ``registry: sslcore.registry.Registry``, one per test: the built-in components only (no autoload of
+  installed plugins); a test adds its plugin with ``registry.add_module(...)``.
+
+Tests marked ``gpu`` are skipped, with the reason, where no CUDA GPU is visible. The helpers, one line each:
+
+- :func:`check_component`: one component against its kind's contract (:mod:`sslcore.contract`) on tiny CPU inputs.
+- :func:`check_plugin`: a plugin module's components, each through :func:`check_component`, then unregistered.
+- :func:`check_entry_point`: the installed distribution's entry point loads and registers the components given.
+- :func:`check_workers_match_one_process`: W real gloo workers give the loss and gradients of one process.
+- :func:`run_distributed`: a module-level function in W processes of a real gloo group; their return values.
+- :func:`run_cli`: ``sslcore ARGS`` in a child process, as a user runs it.
+- :func:`run_example_briefly`: an example experiment through the CLI, two steps on CIFAR-10; its run folder.
+- :func:`resume_repeats_the_run`: an example resumed at two steps repeats the uninterrupted run bit for bit.
+- :func:`tiny_encoder`: an Encoder without BatchNorm, for method tests.
+- :func:`built_slots`: the Slots a method's factory gets, from components the test built.
+- :func:`build_for_training`: the method and optimization the engine builds for a resolved experiment.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 ARCHIVE_NAME = "cifar10-jpg.tar.gz"
 
@@ -27,7 +53,7 @@ def find_cifar10_archive(start: Path | None = None) -> Path | None:
     """The shared archive: ``$SSLCORE_CIFAR10_ARCHIVE``, else ``shared/data/`` beside an ancestor folder."""
     env = os.environ.get("SSLCORE_CIFAR10_ARCHIVE")
     if env:
-        return Path(env)
+        return Path(env) if Path(env).is_file() else None
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         candidate = folder.parent / "shared" / "data" / ARCHIVE_NAME
@@ -76,12 +102,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def find_cifar10_images() -> Path | None:
+    """The folder with the CIFAR-10 ImageFolders train/ and test/: the cache that setup made, or the shared
+    archive unpacked into it; None when neither exists."""
+    cached = cache_dir() / "cifar10"
+    if (cached / ".unpacked").exists() or ((cached / "train").is_dir() and (cached / "test").is_dir()):
+        return cached
+    archive = find_cifar10_archive()
+    return unpack_cifar10(archive, cached) if archive is not None and archive.is_file() else None
+
+
 @pytest.fixture(scope="session")
 def cifar10_dir() -> Path:
-    archive = find_cifar10_archive()
-    if archive is None:
-        pytest.fail(f"{ARCHIVE_NAME} not found: set SSLCORE_CIFAR10_ARCHIVE or run beside ../shared/data")
-    return unpack_cifar10(archive)
+    """A folder with train/ and test/, the CIFAR-10 ImageFolders of JPEGs; never downloaded."""
+    images = find_cifar10_images()
+    if images is None:
+        pytest.fail(f"no CIFAR-10 images: neither {cache_dir() / 'cifar10'} (bash scripts/setup.sh makes it) nor "
+                    f"the archive {ARCHIVE_NAME} (set SSLCORE_CIFAR10_ARCHIVE, or put it in ../shared/data) exists",
+                    pytrace=False)
+    return images
 
 
 @pytest.fixture(scope="session")
@@ -94,16 +133,78 @@ def cifar10_subset(cifar10_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture
 def registry() -> Any:
+    """A fresh :class:`sslcore.registry.Registry` with the built-in components only (no autoload)."""
     from sslcore.registry import Registry
 
     return Registry(autoload=False)
 
 
 def check_component(registry: Any, kind: str, name: str) -> None:
-    """The contract every registered component meets: builds from defaults and runs on tiny CPU tensors."""
+    """The contract every registered component meets (:mod:`sslcore.contract`, per kind): it builds from its
+    defaults and runs on tiny CPU tensors; an AssertionError names the component and what it broke."""
     from sslcore.contract import check
 
     check(registry, kind, name)
+
+
+def check_entry_point(distribution: str, components: list[tuple[str, str]]) -> None:
+    """The installed distribution's ``sslcore`` entry point loads without error (with ``Registry(autoload=True)``,
+    as ``sslcore`` loads it) and registers every ``(kind, name)`` of ``components``, each from ``distribution``.
+
+    ``distribution`` is the ``[project] name`` of the plugin's pyproject.toml (``"sslcore-simclr"``); ``kind``
+    one of sslcore.registry.KIND_HOOKS (``"method"``, ``"loss"``, ...).
+    """
+    from sslcore.registry import KIND_HOOKS, Registry
+
+    def canonical(name: str | None) -> str:  # PEP 503: sslcore-my_loss, sslcore_my.loss and SSLcore-My-Loss are one
+        return re.sub(r"[-_.]+", "-", name or "").lower()
+
+    registry = Registry(autoload=True)
+    plugins = [p for p in registry.plugins
+               if canonical(p.distribution) == canonical(distribution) and p.source == "entry_point"]
+    assert plugins, (f"no sslcore entry point of the distribution '{distribution}' is installed: declare it under "
+                     f"[project.entry-points.sslcore] in its pyproject.toml and `pip install -e` it")
+    failed = [f"'{p.name}' ({p.module}): {p.error}" for p in plugins if p.error]
+    assert not failed, f"the sslcore entry point of '{distribution}' failed to load: {'; '.join(failed)}"
+    registered = sorted((kind, name) for p in plugins for kind, names in p.components.items() for name in names)
+    for kind, name in components:
+        assert kind in KIND_HOOKS, f"unknown kind '{kind}': one of {', '.join(KIND_HOOKS)}"
+        component = registry.components[kind].get(name)
+        assert component is not None, f"'{distribution}' registers no {kind} '{name}'; it registers {registered}"
+        assert canonical(component.distribution) == canonical(distribution), \
+            f"{kind} '{name}' is registered by '{component.distribution}', not by '{distribution}'"
+
+
+def check_workers_match_one_process(build: Callable[[], nn.Module], inputs: Callable[[], list[Tensor]], *,
+                                    world_size: int = 2,
+                                    loss: Callable[[nn.Module, list[Tensor]], Tensor] | None = None,
+                                    rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    """``world_size`` real gloo workers, each on its ``chunk(world_size)[rank]`` of every tensor of the global
+    batch ``inputs()``, compute what one process computes on the whole batch: the mean of the workers' losses
+    is the one process's loss, and every gradient is the one process's (within ``rtol``, ``atol``).
+
+    Every process seeds torch (``torch.manual_seed(0)``), then calls ``build()``; a module with trainable
+    parameters is wrapped in DDP on the workers, which averages their gradients, and the gradients compared
+    are the trainable parameters'. A module without any (a loss that gathers) gets inputs that require a
+    gradient instead, and the gradients compared are the floating inputs', each worker's divided by
+    ``world_size`` (DDP's mean, applied to the inputs: the gradient of the mean of the workers' losses).
+
+    ``loss(module, inputs)`` returns the 0-dim loss of ``module`` (the DDP wrapper on the workers) on
+    ``inputs``; by default a :class:`sslcore.api.hookspecs.Method`'s ``module(inputs)["loss"]`` (the inputs are
+    its views) and any other module's ``module(*inputs)``. It runs in every process, so it may also assert
+    what every worker must see. ``build``, ``inputs`` and ``loss`` must be module-level functions (or
+    ``functools.partial`` of them): they are pickled by reference into the spawned processes. ``inputs()``
+    must give the same tensors every call (its own seeded generator), its batch a multiple of ``world_size``.
+    A statistic over the batch couples a worker's rows: build BatchNorm in eval mode, or without it (per-worker
+    batch statistics are SyncBatchNorm's question, not the loss's).
+    """
+    batch = inputs()
+    sizes = {len(x) for x in batch}
+    assert all(size % world_size == 0 for size in sizes), \
+        f"inputs(): batch sizes {sorted(sizes)} must be multiples of world_size={world_size}"
+    expected = _loss_and_gradients(build, batch, loss, distributed=False)
+    workers = run_distributed(_worker_loss_and_gradients, build, inputs, loss, world_size=world_size)
+    _assert_workers_match(expected, workers, rtol, atol)
 
 
 def run_distributed(fn: Any, *args: Any, world_size: int = 2) -> list[Any]:
@@ -145,6 +246,67 @@ def _distributed_entry(rank: int, fn: Any, args: tuple[Any, ...], world_size: in
     # interpreter's teardown, abort a loaded machine's process now and then ("terminate called without an
     # active exception", SIGABRT) after its work is done and saved. The OS closes the sockets.
     os._exit(0)
+
+
+def _worker_loss_and_gradients(rank: int, world_size: int, build: Callable[[], nn.Module],
+                               inputs: Callable[[], list[Tensor]],
+                               loss: Callable[[nn.Module, list[Tensor]], Tensor] | None) -> dict[str, Any]:
+    shards = [x.chunk(world_size)[rank] for x in inputs()]  # this worker's rows of every input
+    result = _loss_and_gradients(build, shards, loss, distributed=True)
+    if result["of"] == "inputs":  # DDP's mean over the workers, as for parameters
+        result["gradients"] = {name: None if g is None else g / world_size for name, g in result["gradients"].items()}
+    return result
+
+
+def _loss_and_gradients(build: Callable[[], nn.Module], inputs: list[Tensor],
+                        loss: Callable[[nn.Module, list[Tensor]], Tensor] | None, *,
+                        distributed: bool) -> dict[str, Any]:
+    """The loss of ``build()`` on ``inputs`` and the gradients of its trainable parameters by name (of its
+    floating inputs, "input i", when it has none)."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from sslcore.api.hookspecs import Method
+
+    torch.manual_seed(0)  # the same initial weights in every process, as the engine seeds them
+    module = build()
+    parameters = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    if not parameters:
+        inputs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    model = DistributedDataParallel(module) if distributed and parameters else module
+    if loss is not None:
+        value = loss(model, inputs)
+    elif isinstance(module, Method):
+        value = model(inputs)["loss"]
+    else:
+        value = model(*inputs)
+    assert isinstance(value, torch.Tensor) and value.ndim == 0, f"the loss must be a 0-dim tensor, got {value!r}"
+    value.backward()
+    tensors = parameters or {f"input {i}": x for i, x in enumerate(inputs) if x.requires_grad}
+    return {"loss": value.detach(), "of": "parameters" if parameters else "inputs",
+            "gradients": {name: None if t.grad is None else t.grad.clone() for name, t in tensors.items()}}
+
+
+def _assert_workers_match(expected: dict[str, Any], workers: list[dict[str, Any]], rtol: float, atol: float) -> None:
+    import torch
+
+    mean = torch.stack([w["loss"] for w in workers]).mean()
+    torch.testing.assert_close(mean, expected["loss"], rtol=rtol, atol=atol, msg=lambda detail: (
+        f"the mean of the {len(workers)} workers' losses {[float(w['loss']) for w in workers]} is not the loss of "
+        f"one process on the global batch, {float(expected['loss'])}: {detail}"))
+    for rank, worker in enumerate(workers):
+        assert worker["gradients"].keys() == expected["gradients"].keys(), \
+            f"rank {rank}: gradients of {sorted(worker['gradients'])}, one process: {sorted(expected['gradients'])}"
+        for name, want in expected["gradients"].items():
+            got = worker["gradients"][name]
+            assert (got is None) == (want is None), \
+                f"rank {rank}, {name}: gradient {'None' if got is None else 'set'}, one process's " \
+                f"{'None' if want is None else 'set'}"
+            if want is not None:
+                if expected["of"] == "inputs":  # the worker's rows of the one process's input
+                    want = want.chunk(len(workers))[rank]
+                torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda detail, rank=rank, name=name: (
+                    f"rank {rank}: the gradient of {name} is not one process's on the global batch: {detail}"))
 
 
 #: shrink an example experiment to two steps of one epoch on 100 training images (10 per class)

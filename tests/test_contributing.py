@@ -1,9 +1,10 @@
 """CONTRIBUTING.md's 30-line loss plugin, taken from the page as written: it meets the loss contract, trains
 MoCo for two steps from the command line without touching sslcore/, and validate keeps it out of a slot
-that needs a paired loss."""
+that needs a paired loss; and the page's tests of it (its "Testing a plugin" block) pass."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
@@ -23,6 +24,33 @@ def loss_plugin(tmp_path: Path) -> Path:
     package.mkdir()
     (package / "__init__.py").write_text(code)
     return tmp_path
+
+
+def contributing_tests_block() -> str:
+    """The Python block of CONTRIBUTING.md's "Testing a plugin": a test module of my_lab_losses."""
+    blocks = re.findall(r"```python\n(.*?)```", CONTRIBUTING.read_text(), re.DOTALL)
+    (block,) = [block for block in blocks if block.startswith("# tests/test_my_lab_losses.py")]
+    return block
+
+
+def test_the_tests_of_contributing_pass_on_its_loss(tmp_path: Path, monkeypatch) -> None:
+    """On the loss installed as the distribution my-lab-losses: its dist-info with the entry point on sys.path,
+    what `pip install -e .` writes for section 4's pyproject.toml."""
+    root = loss_plugin(tmp_path)
+    (root / "test_my_lab_losses.py").write_text(contributing_tests_block())
+    info = root / "my_lab_losses-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-lab-losses\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text("[sslcore]\nmy_lab_losses = my_lab_losses\n")
+    monkeypatch.syspath_prepend(str(root))  # the spawned gloo workers get this sys.path too
+    try:
+        tests = importlib.import_module("test_my_lab_losses")
+        tests.test_contract(Registry(autoload=False))
+        tests.test_entry_point()
+        tests.test_two_workers_match_one_process()
+    finally:
+        for module in ("my_lab_losses", "test_my_lab_losses"):
+            sys.modules.pop(module, None)
 
 
 def test_the_loss_of_contributing_meets_the_contract(tmp_path: Path, monkeypatch) -> None:

@@ -106,7 +106,12 @@ def register_augmentations(register: RegisterAugmentation) -> None:
     """Register augmentation recipes (the ``augmentation`` block): ``factory(config) -> Augmentation``.
 
     The augmentation runs in the DataLoader workers, or batched on the training device when it is a
-    :class:`DeviceAugmentation` whose ``device`` asks for it; the engine builds it (methods do not).
+    :class:`DeviceAugmentation` whose block's ``device`` asks for it; the engine builds it (methods do not).
+
+    Defaults fitted to the data: a config may define the classmethod ``fit_to_images(side: int, current:
+    dict) -> dict``, the values of its keys for training images of ``side`` pixels (their median shorter
+    side) given the resolved block ``current``; the keys the experiment leaves out take them (the built-in
+    recipes: ``size`` becomes the images' side when they are smaller than the views).
     """
 
 
@@ -143,7 +148,9 @@ def register_encoders(register: RegisterEncoder) -> None:
     """Register backbone encoders (the ``encoder`` block): ``factory(config) -> Encoder``.
 
     ``sslcore export`` writes the encoder's ``state_dict()``; its docstring should say which plain model it
-    loads into.
+    loads into. A config may define ``fit_to_images(side, current) -> dict`` as an augmentation's may (the
+    built-in ResNets: the CIFAR stem at 64 px or less; the ViTs: the images' side in 4 px patches); an
+    ``image_size`` it returns is the side the augmentation is then fitted to.
     """
 
 
@@ -198,8 +205,10 @@ class Loss(Protocol):
     :class:`ContrastiveLoss` or :class:`PairedLoss`, or a ``runtime_checkable`` Protocol of the plugin's own
     that refines Loss and declares ``forward`` (SwAV's swapped prediction over the crops' scores and codes,
     DINO's cross-entropy of student and teacher crops): the method's slot then names that protocol, and the
-    contract runs the loss through the method. Inputs may be bf16 or fp16 under autocast: compute in
-    float32 where precision matters (logits over a small temperature)."""
+    contract runs the loss through the method. The method calls the loss inside its forward, so under the
+    engine's autocast (``train.precision``) the loss's own matmuls run in bf16 or fp16 whatever its inputs'
+    dtype: compute under ``torch.autocast(device_type, enabled=False)`` on ``.float()`` inputs where precision
+    matters (logits over a small temperature), and return a float32 scalar, as every built-in loss does."""
 
     def metrics(self) -> dict[str, Tensor]:
         """0-dim terms of the last call, detached (VICReg's invariance, variance, covariance), which the
@@ -212,8 +221,14 @@ class ContrastiveLoss(Loss, Protocol):
     """A contrastive loss: loss(q, k, negatives, exclude), each query against its key and K negatives."""
 
     def forward(self, q: Tensor, k: Tensor, negatives: Tensor, exclude: Tensor | None = None) -> Tensor:
-        """``q``, ``k``: N x D L2-normalised (k detached), ``negatives``: K x D, ``exclude``: N x K bool or None
-        (True: that negative does not count for that query), as :class:`NegativeSource` gives them."""
+        """What the built-in methods (MoCo, PCL, NNCLR) pass, and a contrastive loss may rely on: ``q``, ``k``: N x D,
+        this worker's queries and their positives, L2-normalised and float32 also under autocast (normalised
+        after ``.float()``); ``k`` is detached (a momentum key, a memory bank's entry) unless the method trains
+        through it (NNCLR: one of ``q``, ``k`` is its prediction, with gradient, the other a detached nearest
+        neighbour). ``negatives``: K x D, L2-normalised float32, as :class:`NegativeSource` gives them (a queue or
+        bank in float32 buffers, in-batch keys gathered from every worker; with gradient only where the source
+        gives it, NNCLR's). ``exclude``: N x K bool or None (True: that negative does not count for that query).
+        Computed inside the method's autocast: see :class:`Loss` for float32."""
 
 
 @runtime_checkable
@@ -221,8 +236,11 @@ class PairedLoss(Loss, Protocol):
     """A paired loss: loss(z1, z2), the embeddings of two views of the same N images."""
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        """``z1``, ``z2``: N x D, this worker's rows, as the method's heads output them (not normalised). A
-        loss over the global batch gathers it with ``sslcore.toolkit.distributed.gather_with_grad``."""
+        """``z1``, ``z2``: N x D, this worker's rows, as the method's heads output them: not normalised, and in
+        the autocast dtype under autocast (bf16 or fp16: a Linear's or BatchNorm's output), so cast them with
+        ``.float()`` under autocast disabled (see :class:`Loss`). ``z1`` carries the gradient; ``z2`` may be
+        detached (BYOL's target projection, SimSiam's stop-gradient z) or not (SimCLR's, VICReg's second view).
+        A loss over the global batch gathers the rows with ``sslcore.toolkit.distributed.gather_with_grad``."""
 
 
 @hookspec

@@ -14,7 +14,6 @@ import torch
 from sslcore_byol import BYOL, BYOLConfig, BYOLLoss, BYOLLossConfig
 from sslcore_byol.plugin import RECIPE, SLOTS
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from sslcore.api.hookspecs import Augmentation, Encoder, PairedLoss, Slot
 from sslcore.api.recipe import TrainingStep
@@ -25,8 +24,9 @@ from sslcore.registry import Registry
 from sslcore.testing import (
     build_for_training,
     built_slots,
+    check_entry_point,
     check_plugin,
-    run_distributed,
+    check_workers_match_one_process,
     run_example_briefly,
     tiny_encoder,
 )
@@ -195,31 +195,13 @@ def test_a_resumed_run_continues_the_schedule_from_the_state_dict() -> None:
         torch.testing.assert_close(got, expected)
 
 
-def _worker(rank: int, world_size: int) -> dict:
-    torch.manual_seed(0)  # the same initial weights on every worker, as the engine seeds them
-    # eval mode: BatchNorm uses its running statistics, so no statistic couples the samples of a batch
-    # (per-worker batch statistics are the SyncBatchNorm question, not the loss's)
-    model = DistributedDataParallel(build_byol().eval())
-    mine = [v.chunk(world_size)[rank] for v in views()]
-    loss = model(mine)["loss"]
-    loss.backward()
-    return {"loss": loss.detach(), "grads": [p.grad.clone() for p in model.module.parameters() if p.requires_grad]}
+def byol_in_eval_mode() -> BYOL:
+    """Its BatchNorms on running statistics: no batch statistic couples a worker's rows."""
+    return build_byol().eval()
 
 
 def test_two_workers_compute_the_loss_and_gradients_of_one_process() -> None:
-    torch.manual_seed(0)
-    model = build_byol().eval()
-    loss = model(views())["loss"]
-    loss.backward()
-
-    results = run_distributed(_worker, world_size=2)
-
-    torch.testing.assert_close(sum(r["loss"] for r in results) / 2, loss.detach())
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    for result in results:
-        assert len(result["grads"]) == len(grads)
-        for got, expected in zip(result["grads"], grads):
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    check_workers_match_one_process(byol_in_eval_mode, views)
 
 
 def test_method_byol_alone_resolves_to_the_official_recipe(registry: Registry, tmp_path: Path) -> None:
@@ -282,9 +264,9 @@ def test_byol_meets_the_method_and_loss_contracts(registry: Registry) -> None:
 
 
 def test_the_installed_entry_point_registers_byol() -> None:
+    check_entry_point("sslcore-byol", [("method", "byol"), ("loss", "byol")])
     registry = Registry(autoload=True)
     method, loss = registry.get("method", "byol"), registry.get("loss", "byol")
-    assert method.distribution == loss.distribution == "sslcore-byol"
     assert method.factory is BYOL and loss.factory is BYOLLoss
     assert method.slots == SLOTS == {"encoder": Slot(Encoder, {"name": "resnet50"}),
                                      "augmentation": Slot(Augmentation, {"name": "byol"}),

@@ -30,7 +30,14 @@ from sslcore.config import resolve
 from sslcore.engine.context import EvalContext, MethodContext
 from sslcore.engine.rundir import RunDir
 from sslcore.registry import Registry
-from sslcore.testing import built_slots, check_plugin, resume_repeats_the_run, run_distributed, tiny_encoder
+from sslcore.testing import (
+    built_slots,
+    check_entry_point,
+    check_plugin,
+    resume_repeats_the_run,
+    run_distributed,
+    tiny_encoder,
+)
 
 EXAMPLE = Path(__file__).parents[3] / "examples" / "deepclusterv2_cifar10.yaml"
 BATCH, DATASET = 8, 16
@@ -278,9 +285,9 @@ def test_deepclusterv2_meets_the_method_and_loss_contracts(registry: Registry) -
 
 
 def test_the_installed_entry_point_registers_deepclusterv2() -> None:
+    check_entry_point("sslcore-deepclusterv2", [("method", "deepclusterv2"), ("loss", "deepcluster_v2")])
     registry = Registry(autoload=True)
     method, loss = registry.get("method", "deepclusterv2"), registry.get("loss", "deepcluster_v2")
-    assert method.distribution == loss.distribution == "sslcore-deepclusterv2"
     assert method.factory is DeepClusterV2 and loss.factory is DeepClusterV2Loss
     assert method.slots == SLOTS and method.recipe == RECIPE
 

@@ -28,12 +28,14 @@ from sslcore.registry import Registry
 from sslcore.testing import (
     build_for_training,
     built_slots,
+    check_entry_point,
     check_plugin,
+    check_workers_match_one_process,
     resume_repeats_the_run,
-    run_distributed,
     run_example_briefly,
     tiny_encoder,
 )
+from sslcore.toolkit.distributed import concat_all_gather
 
 EXAMPLES = Path(__file__).parents[3] / "examples"
 EXAMPLE = EXAMPLES / "dino_cifar10.yaml"
@@ -259,32 +261,28 @@ def test_drop_path_is_in_the_student_only(registry: Registry) -> None:
         torch.testing.assert_close(model.backbone(x), model.teacher_backbone(x))
 
 
-def _worker(rank: int, world_size: int) -> dict:
-    torch.manual_seed(0)  # the same initial weights on every worker, as the engine seeds them
-    model = DistributedDataParallel(build_dino(norm_last_layer=False).train())
-    loss = model([v.chunk(world_size)[rank] for v in crops()])["loss"]
-    loss.backward()
-    return {"loss": loss.detach(), "center": model.module.loss.center.clone(),
-            "grads": [p.grad.clone() for p in model.module.parameters() if p.requires_grad]}
+def dino_with_a_trainable_last_layer() -> DINO:
+    return build_dino(norm_last_layer=False).train()
+
+
+def loss_checking_the_center(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+    """The method's loss; and the center after it, on every worker, is the EMA of the mean teacher output over
+    the teacher rows of all workers (formula_center of every worker's, gathered: the official all_reduce)."""
+    method = model.module if isinstance(model, DistributedDataParallel) else model
+    before = method.loss.center[0].tolist()
+    teacher: list[torch.Tensor] = []
+    hook = method.teacher_head.register_forward_hook(lambda module, args, out: teacher.append(out.detach()))
+    loss = model(batch)["loss"]
+    hook.remove()
+    expected = formula_center(before, [concat_all_gather(teacher[0])], method.loss.center_momentum)
+    torch.testing.assert_close(method.loss.center[0], torch.tensor(expected))
+    return loss
 
 
 def test_two_workers_compute_the_loss_gradients_and_center_of_one_process() -> None:
     """Each worker's loss is the mean over its rows, DDP averages the gradients, and the center is the EMA of
     the mean teacher output over both workers' rows (the official all_reduce): as one process on the batch."""
-    torch.manual_seed(0)
-    model = build_dino(norm_last_layer=False).train()
-    loss = model(crops())["loss"]
-    loss.backward()
-
-    results = run_distributed(_worker, world_size=2)
-
-    torch.testing.assert_close(sum(r["loss"] for r in results) / 2, loss.detach())
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    for result in results:
-        torch.testing.assert_close(result["center"], model.loss.center)
-        assert len(result["grads"]) == len(grads)
-        for got, expected in zip(result["grads"], grads):
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    check_workers_match_one_process(dino_with_a_trainable_last_layer, crops, loss=loss_checking_the_center)
 
 
 def test_method_dino_alone_resolves_to_the_readme_recipe(registry: Registry, tmp_path: Path) -> None:
@@ -392,9 +390,9 @@ def test_dino_meets_the_method_and_loss_contracts(registry: Registry) -> None:
 
 
 def test_the_installed_entry_point_registers_dino() -> None:
+    check_entry_point("sslcore-dino", [("method", "dino"), ("loss", "dino")])
     registry = Registry(autoload=True)
     method, loss = registry.get("method", "dino"), registry.get("loss", "dino")
-    assert method.distribution == loss.distribution == "sslcore-dino"
     assert method.factory is DINO and loss.factory is DINOLoss
     assert method.slots == SLOTS
     assert [(slot, s.needs) for slot, s in SLOTS.items()] == [("encoder", Encoder), ("augmentation", Augmentation),

@@ -19,7 +19,14 @@ from sslcore.api.hookspecs import Augmentation, Encoder, Slot
 from sslcore.config import resolve
 from sslcore.engine.context import MethodContext
 from sslcore.registry import Registry
-from sslcore.testing import build_for_training, built_slots, check_plugin, resume_repeats_the_run, tiny_encoder
+from sslcore.testing import (
+    build_for_training,
+    built_slots,
+    check_entry_point,
+    check_plugin,
+    resume_repeats_the_run,
+    tiny_encoder,
+)
 
 EXAMPLE = Path(__file__).parents[3] / "examples" / "jigsaw_cifar10.yaml"
 BATCH = 6
@@ -247,9 +254,9 @@ def test_jigsaw_meets_the_method_and_augmentation_contracts(registry: Registry) 
 
 
 def test_the_installed_entry_point_registers_jigsaw() -> None:
+    check_entry_point("sslcore-jigsaw", [("method", "jigsaw"), ("augmentation", "jigsaw")])
     registry = Registry(autoload=True)
     method, augmentation = registry.get("method", "jigsaw"), registry.get("augmentation", "jigsaw")
-    assert method.distribution == augmentation.distribution == "sslcore-jigsaw"
     assert method.factory is Jigsaw and augmentation.factory is JigsawAugmentation
     assert method.slots == SLOTS == {"encoder": Slot(Encoder, {"name": "resnet50"}),
                                      "augmentation": Slot(Augmentation, {"name": "jigsaw"})}

@@ -19,11 +19,19 @@ from sslcore_mae import MAE, MAEConfig, patchify, random_masking, reconstruction
 from sslcore.api.errors import ConfigError
 from sslcore.api.hookspecs import PatchEncoder, Slot
 from sslcore.config import load_experiment, resolve
+from sslcore.engine.console import Console
 from sslcore.engine.context import MethodContext
 from sslcore.engine.loop import Trainer, WorkerSpec
 from sslcore.engine.session import LocalSession
 from sslcore.registry import Registry
-from sslcore.testing import build_for_training, built_slots, check_component, check_plugin, run_example_briefly
+from sslcore.testing import (
+    build_for_training,
+    built_slots,
+    check_component,
+    check_entry_point,
+    check_plugin,
+    run_example_briefly,
+)
 
 torch.set_num_threads(1)
 
@@ -172,7 +180,7 @@ def test_the_encoder_slot_refuses_an_encoder_without_patches() -> None:
         resolve({"method": "mae", "encoder": {"name": "resnet18"}, "data": DATA}, registry_with_mae())
     (line,) = error.value.args  # one error, on one line
     assert "\n" not in line and "encoder.name" in line and "resnet18" in line
-    assert line.rsplit("that fit: ", 1)[1].split(", ") == ["vit_base", "vit_small", "vit_tiny"]
+    assert line.rsplit("that fit: ", 1)[1].split(", ") == ["timm", "vit_base", "vit_small", "vit_tiny"]
 
 
 def test_a_mask_ratio_that_leaves_no_patch_is_refused(registry: Registry) -> None:
@@ -268,8 +276,9 @@ def test_mae_meets_the_method_contract(registry: Registry) -> None:
 
 
 def test_the_installed_entry_point_registers_mae() -> None:
+    check_entry_point("sslcore-mae", [("method", "mae")])
     method = Registry(autoload=True).get("method", "mae")
-    assert method.distribution == "sslcore-mae" and method.factory is MAE
+    assert method.factory is MAE
     assert method.slots["encoder"] == Slot(PatchEncoder, {"name": "vit_base", "patch_size": 16, "image_size": 224})
     assert method.slots["augmentation"].default == {"name": "mae"}
 
@@ -290,7 +299,7 @@ def test_cifar10_example_runs_draws_reconstructions_and_resumes(tmp_path: Path, 
     experiment["method"]["picture_every_epochs"] = 1
     spec = WorkerSpec(experiment=experiment, run_dir=str(run_dir), plugins=("sslcore_mae.plugin",), autoload=False,
                       source="test")
-    trainer = Trainer(spec, LocalSession(use_gpu=False))
+    trainer = Trainer(spec, LocalSession(use_gpu=False), Console(interactive=False))
     last = trainer.fit()
     assert trainer.start_epoch == 1 and last["epoch"] == 1 and last["step"] == 4
     assert math.isfinite(last["loss"]) and 0.0 <= last["knn_top1"] <= 1.0

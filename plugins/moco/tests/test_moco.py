@@ -18,7 +18,7 @@ from sslcore.api.errors import TrainingError
 from sslcore.api.recipe import TrainingStep
 from sslcore.engine.context import MethodContext
 from sslcore.registry import Registry
-from sslcore.testing import built_slots
+from sslcore.testing import built_slots, check_entry_point
 from sslcore.toolkit.batchnorm import SplitBatchNorm
 
 BATCH = 16  # per worker
@@ -234,8 +234,8 @@ def test_gather_needs_several_workers(registry: Registry) -> None:
 
 
 def test_the_installed_entry_point_registers_moco() -> None:
+    check_entry_point("sslcore-moco", [("method", "moco")])
     component = Registry(autoload=True).get("method", "moco")
-    assert component.distribution == "sslcore-moco"
     assert component.factory is MoCo
     assert set(component.slots) == {"encoder", "augmentation", "negatives", "loss"}
 

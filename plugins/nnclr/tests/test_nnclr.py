@@ -25,6 +25,7 @@ from sslcore.registry import Registry
 from sslcore.testing import (
     build_for_training,
     built_slots,
+    check_entry_point,
     check_plugin,
     resume_repeats_the_run,
     run_distributed,
@@ -298,9 +299,9 @@ def test_nnclr_meets_the_method_and_negative_source_contracts(registry: Registry
 
 
 def test_the_installed_entry_point_registers_nnclr() -> None:
+    check_entry_point("sslcore-nnclr", [("method", "nnclr"), ("negative_source", "support_set")])
     registry = Registry(autoload=True)
     method, source = registry.get("method", "nnclr"), registry.get("negative_source", "support_set")
-    assert method.distribution == source.distribution == "sslcore-nnclr"
     assert method.factory is NNCLR and source.factory is SupportSet
     assert method.slots == SLOTS == {
         "encoder": Slot(Encoder, {"name": "resnet50"}), "augmentation": Slot(Augmentation, {"name": "byol"}),

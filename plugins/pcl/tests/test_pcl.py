@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +27,7 @@ from sslcore.api.errors import ConfigError
 from sslcore.config import resolve
 from sslcore.engine.rundir import RunDir
 from sslcore.registry import Registry
-from sslcore.testing import check_component
-
-CLI = [sys.executable, "-m", "sslcore"]
+from sslcore.testing import check_component, check_entry_point, run_cli
 
 
 def official_density(distances: np.ndarray, im2cluster: np.ndarray, k: int, temperature: float) -> np.ndarray:
@@ -142,9 +137,7 @@ def test_pcl_and_proto_nce_meet_the_contract() -> None:
 
 
 def test_the_installed_entry_point_registers_pcl() -> None:
-    registry = Registry(autoload=True)
-    assert registry.get("method", "pcl").distribution == "sslcore-pcl"
-    assert registry.get("loss", "proto_nce").distribution == "sslcore-pcl"
+    check_entry_point("sslcore-pcl", [("method", "pcl"), ("loss", "proto_nce")])
 
 
 def test_method_pcl_alone_is_the_official_imagenet_recipe() -> None:
@@ -208,15 +201,6 @@ def experiment(tmp_path: Path, subset: dict[str, Path], **overrides: object) -> 
     return path
 
 
-def run(*args: str, cwd: Path | None = None, autoload: bool = False) -> subprocess.CompletedProcess:
-    """The CLI; without autoload only the experiment's ``plugins:`` load, with it the installed ones too."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("SSLCORE_DISABLE_PLUGIN_AUTOLOAD", None)
-    if not autoload:
-        env["SSLCORE_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
-
-
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -228,7 +212,7 @@ def state(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
 
 def test_e_steps_cluster_real_images_and_their_state_survives_resume(tmp_path: Path, cifar10_subset: dict) -> None:
     (tmp_path / "straight").mkdir()
-    out = run("run", str(experiment(tmp_path / "straight", cifar10_subset)))
+    out = run_cli("run", str(experiment(tmp_path / "straight", cifar10_subset)), cwd=tmp_path, autoload=False)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     straight = tmp_path / "straight" / "runs" / "pcl"
 
@@ -254,17 +238,18 @@ def test_e_steps_cluster_real_images_and_their_state_survives_resume(tmp_path: P
     # (whose E-step runs again from the restored weights) repeats the uninterrupted run
     (tmp_path / "resumed").mkdir()
     path = experiment(tmp_path / "resumed", cifar10_subset)
-    out = run("run", str(path), "--set", "train.epochs=2")
+    out = run_cli("run", str(path), "--set", "train.epochs=2", cwd=tmp_path, autoload=False)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     resumed = tmp_path / "resumed" / "runs" / "pcl"
     for key in ("assignments", "prototypes_0", "phi_0", "prototypes_1", "phi_1", "clustered"):
         torch.testing.assert_close(state(resumed, 1)[key], clustered[key])
+    from sslcore.engine.console import Console
     from sslcore.engine.loop import Trainer, WorkerSpec
     from sslcore.engine.session import LocalSession
 
     spec = WorkerSpec(experiment=yaml.safe_load((resumed / "config.yaml").read_text()), run_dir=str(resumed),
                       plugins=("sslcore_moco.plugin", "sslcore_pcl.plugin"), autoload=False, source="test")
-    trainer = Trainer(spec, LocalSession(use_gpu=False))
+    trainer = Trainer(spec, LocalSession(use_gpu=False), Console(interactive=False))
     trainer.setup()
     assert isinstance(trainer.method, PCL) and trainer.start_epoch == 2
     torch.testing.assert_close(trainer.method.assignments, clustered["assignments"])
@@ -272,7 +257,7 @@ def test_e_steps_cluster_real_images_and_their_state_survives_resume(tmp_path: P
     assert trainer.method._use_prototypes
     trainer.tracker.close()
 
-    out = run("run", "--resume", str(resumed), "--set", "train.epochs=3")
+    out = run_cli("run", "--resume", str(resumed), "--set", "train.epochs=3", cwd=tmp_path, autoload=False)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     third = [r["loss"] for r in records(resumed) if r["subset"] == "train" and r["epoch"] == 2]
     assert third == [r["loss"] for r in logged if r["subset"] == "train" and r["epoch"] == 2]
@@ -284,7 +269,7 @@ def test_two_ray_workers_run_an_e_step_on_real_images(tmp_path: Path, cifar10_su
                       method={"name": "pcl", "momentum": 0.99, "warmup_epochs": 1, "grid_prototypes": 2},
                       train={"epochs": 2, "batch_size": 16, "max_steps_per_epoch": 2, "log_every_steps": 1,
                              "optimizer": {"name": "sgd", "lr": 0.05}, "lr_scaling": "none"})
-    out = run("run", str(path), cwd=tmp_path)
+    out = run_cli("run", str(path), cwd=tmp_path, autoload=False)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     run_dir = tmp_path / "runs" / "pcl"
     logged = records(run_dir)
@@ -301,7 +286,7 @@ def test_quick_example_runs_as_written(tmp_path: Path, cifar10_dir: Path) -> Non
     example = Path(__file__).parents[3] / "examples" / "pcl_quick.yaml"
     text = example.read_text().replace("~/.cache/sslcore/cifar10", str(cifar10_dir))  # the same, unless moved
     (tmp_path / "pcl_quick.yaml").write_text(text)
-    out = run("run", str(tmp_path / "pcl_quick.yaml"), "--set", "scaling.backend=local", cwd=tmp_path, autoload=True)
+    out = run_cli("run", str(tmp_path / "pcl_quick.yaml"), "--set", "scaling.backend=local", cwd=tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     run_dir = tmp_path / "runs" / "pcl_quick"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -309,8 +294,8 @@ def test_quick_example_runs_as_written(tmp_path: Path, cifar10_dir: Path) -> Non
     assert [r["epoch"] for r in records(run_dir) if r["subset"] == "epoch_start"] == [1, 2, 3]
     assert (run_dir / "prototypes_epoch004.png").is_file() and (run_dir / "embedding_tsne_epoch004.png").is_file()
     # the run's backbone can be exported and evaluated: the driver sizes PCL's per-image state from the data
-    out = run("export", str(run_dir), "-o", str(tmp_path / "pcl_backbone.pt"), cwd=tmp_path, autoload=True)
+    out = run_cli("export", str(run_dir), "-o", str(tmp_path / "pcl_backbone.pt"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    out = run("eval", str(run_dir), "-e", "knn", "--set", "k=10", cwd=tmp_path, autoload=True)
+    out = run_cli("eval", str(run_dir), "-e", "knn", "--set", "k=10", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "knn: knn_top1=" in out.stdout

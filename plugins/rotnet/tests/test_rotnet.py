@@ -13,7 +13,6 @@ import pytest
 import torch
 from sslcore_rotnet import RotNet, RotNetAugmentation, RotNetAugmentationConfig, RotNetConfig, rotate
 from sslcore_rotnet.plugin import RECIPE, SLOTS
-from torch.nn.parallel import DistributedDataParallel
 
 from sslcore.api.hookspecs import Augmentation, Encoder, Slot
 from sslcore.config import resolve
@@ -22,9 +21,10 @@ from sslcore.registry import Registry
 from sslcore.testing import (
     build_for_training,
     built_slots,
+    check_entry_point,
     check_plugin,
+    check_workers_match_one_process,
     resume_repeats_the_run,
-    run_distributed,
     tiny_encoder,
 )
 
@@ -157,28 +157,14 @@ def test_the_cifar_transform_is_a_random_crop_of_the_zero_padded_image_and_a_fli
     torch.testing.assert_close(augmentation.eval(image), expected.float(), atol=1e-5, rtol=0)
 
 
-def _worker(rank: int, world_size: int) -> dict:
-    torch.manual_seed(0)  # the same initial weights on every worker, as the engine seeds them
-    model = DistributedDataParallel(build_rotnet())
-    loss = model([images().chunk(world_size)[rank]])["loss"]
-    loss.backward()
-    return {"loss": loss.detach(), "grads": [p.grad.clone() for p in model.module.parameters()]}
+def one_batch() -> list[torch.Tensor]:
+    return [images()]
 
 
 def test_two_workers_compute_the_loss_and_gradients_of_one_process() -> None:
     """Nothing is gathered: each worker's loss is the mean over its own 4N/2 images, and DDP's mean of the
     gradients is the gradient of one process on the global batch."""
-    torch.manual_seed(0)
-    model = build_rotnet()
-    loss = model([images()])["loss"]
-    loss.backward()
-
-    results = run_distributed(_worker, world_size=2)
-
-    torch.testing.assert_close(sum(r["loss"] for r in results) / 2, loss.detach())
-    for result in results:
-        for got, expected in zip(result["grads"], [p.grad for p in model.parameters()], strict=True):
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    check_workers_match_one_process(build_rotnet, one_batch)
 
 
 def test_method_rotnet_alone_resolves_to_the_official_imagenet_recipe(registry: Registry, tmp_path: Path) -> None:
@@ -219,9 +205,9 @@ def test_rotnet_meets_the_method_and_augmentation_contracts(registry: Registry) 
 
 
 def test_the_installed_entry_point_registers_rotnet() -> None:
+    check_entry_point("sslcore-rotnet", [("method", "rotnet"), ("augmentation", "rotnet")])
     registry = Registry(autoload=True)
     method, augmentation = registry.get("method", "rotnet"), registry.get("augmentation", "rotnet")
-    assert method.distribution == augmentation.distribution == "sslcore-rotnet"
     assert method.factory is RotNet and augmentation.factory is RotNetAugmentation
     assert method.slots == SLOTS == {"encoder": Slot(Encoder, {"name": "resnet50"}),
                                      "augmentation": Slot(Augmentation, {"name": "rotnet"})}

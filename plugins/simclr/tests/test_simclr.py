@@ -1,7 +1,7 @@
 """SimCLR: NT-Xent against its formula written out here as the 2N x 2N loop, the contrastive accuracy, one
-batch through the encoder and the head, two real gloo workers against one process (the loss alone and the
-method), the official recipe that ``method: simclr`` resolves to, the loss slot that refuses a contrastive
-loss, the plugin contract, and the CIFAR-10 example through the CLI."""
+batch through the encoder and the head, two real gloo workers against one process (the method's loss, accuracy
+and gradients), the official recipe that ``method: simclr`` resolves to, the loss slot that refuses a
+contrastive loss, the plugin contract, and the CIFAR-10 example through the CLI."""
 
 from __future__ import annotations
 
@@ -20,7 +20,15 @@ from sslcore.api.hookspecs import PairedLoss, Slot
 from sslcore.config import resolve
 from sslcore.engine.context import MethodContext
 from sslcore.registry import Registry
-from sslcore.testing import built_slots, check_plugin, run_distributed, run_example_briefly, tiny_encoder
+from sslcore.testing import (
+    built_slots,
+    check_entry_point,
+    check_plugin,
+    check_workers_match_one_process,
+    run_example_briefly,
+    tiny_encoder,
+)
+from sslcore.toolkit.distributed import concat_all_gather
 from sslcore.toolkit.heads import MLPHead
 
 GLOBAL_BATCH = 8
@@ -131,51 +139,30 @@ def test_both_views_go_through_the_encoder_and_head_as_one_batch() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
-def _worker(rank: int, world_size: int, embeddings: torch.Tensor, images: torch.Tensor) -> dict:
-    n = GLOBAL_BATCH // world_size
-    mine = slice(rank * n, (rank + 1) * n)  # this worker's images, and both views of each
-    # the loss alone, on a DDP-wrapped linear model
-    torch.manual_seed(0)  # the same initial weights on every worker, as the engine seeds them
-    linear = DistributedDataParallel(nn.Linear(embeddings.shape[-1], 4))
-    z = linear(torch.cat([embeddings[0, mine], embeddings[1, mine]]))  # one DDP forward, both views: 2n x 4
-    loss = NTXentLoss(NTXentConfig(temperature=TAU))(z[:n], z[n:])
-    loss.backward()
-    # the method; eval mode: BatchNorm uses its running statistics, so no statistic couples the samples of a
-    # batch (per-worker batch statistics are the SyncBatchNorm question, not the loss's)
-    torch.manual_seed(0)
-    model = DistributedDataParallel(build_simclr().eval())
-    out = model([v[mine] for v in images])
-    out["loss"].backward()
-    return {"loss": loss.detach(), "grads": [p.grad.clone() for p in linear.module.parameters()],
-            "method_loss": out["loss"].detach(), "contrast_acc": out["contrast_acc"],
-            "method_grads": [p.grad.clone() for p in model.module.parameters()]}
+def simclr_in_eval_mode() -> SimCLR:
+    """Its BatchNorms on running statistics: no batch statistic couples a worker's rows."""
+    return build_simclr().eval()
 
 
-def test_two_workers_compute_the_loss_and_gradients_of_one_process() -> None:
-    generator = torch.Generator().manual_seed(0)
-    embeddings = torch.randn(2, GLOBAL_BATCH, 6, generator=generator)  # the inputs of the two views
-    images = views()
-    torch.manual_seed(0)
-    linear = nn.Linear(6, 4)
-    z = linear(torch.cat([embeddings[0], embeddings[1]]))  # 2N x 4
-    loss = NTXentLoss(NTXentConfig(temperature=TAU))(z[:GLOBAL_BATCH], z[GLOBAL_BATCH:])
-    loss.backward()
-    torch.manual_seed(0)
-    model = build_simclr().eval()
-    out = model(images)
-    out["loss"].backward()
+def loss_checking_the_accuracy(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+    """The method's loss; and the mean of the workers' contrast_acc is the accuracy of the 2N views of the global
+    batch (formula_accuracy on every worker's projections, gathered)."""
+    method = model.module if isinstance(model, DistributedDataParallel) else model
+    projections: list[torch.Tensor] = []
+    hook = method.projector.register_forward_hook(lambda module, args, out: projections.append(out.detach()))
+    out = model(batch)
+    hook.remove()
+    n = len(batch[0])
+    z = concat_all_gather(projections[0]).unflatten(0, (-1, 2, n))  # workers x views x n x D
+    accuracy = concat_all_gather(out["contrast_acc"][None]).mean()  # the mean over the workers
+    assert accuracy.item() == pytest.approx(formula_accuracy(z[:, 0].flatten(0, 1), z[:, 1].flatten(0, 1)))
+    return out["loss"]
 
-    results = run_distributed(_worker, embeddings, torch.stack(images), world_size=2)
 
-    # each worker's loss is the mean over its anchors: their average is the mean over all 2N anchors
-    torch.testing.assert_close(sum(r["loss"] for r in results) / 2, loss.detach())
-    torch.testing.assert_close(sum(r["method_loss"] for r in results) / 2, out["loss"].detach())
-    torch.testing.assert_close(sum(r["contrast_acc"] for r in results) / 2, out["contrast_acc"])
-    for result in results:  # DDP averages the workers' gradients: those of one process on the whole batch
-        for got, expected in zip(result["grads"], [p.grad for p in linear.parameters()], strict=True):
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
-        for got, expected in zip(result["method_grads"], [p.grad for p in model.parameters()], strict=True):
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+def test_two_workers_compute_the_loss_accuracy_and_gradients_of_one_process() -> None:
+    """Each worker's loss is the mean over its anchors against the 2N gathered views: their average is the mean
+    over all 2N anchors, and DDP's mean of the gradients those of one process on the whole batch."""
+    check_workers_match_one_process(simclr_in_eval_mode, views, loss=loss_checking_the_accuracy)
 
 
 def test_the_head_is_as_wide_as_the_encoder_by_default() -> None:
@@ -189,9 +176,9 @@ def test_simclr_meets_the_method_and_loss_contracts(registry: Registry) -> None:
 
 
 def test_the_installed_entry_point_registers_simclr() -> None:
+    check_entry_point("sslcore-simclr", [("method", "simclr"), ("loss", "nt_xent")])
     registry = Registry(autoload=True)
     method, loss = registry.get("method", "simclr"), registry.get("loss", "nt_xent")
-    assert method.distribution == loss.distribution == "sslcore-simclr"
     assert method.factory is SimCLR and loss.factory is NTXentLoss
     assert method.slots["loss"] == Slot(PairedLoss, {"name": "nt_xent", "temperature": 0.1})
     assert method.slots["encoder"].default == {"name": "resnet50"}

@@ -13,7 +13,6 @@ import torch
 from sslcore_simsiam import NegativeCosineConfig, NegativeCosineLoss, SimSiam, SimSiamConfig
 from sslcore_simsiam.plugin import RECIPE, SLOTS
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from sslcore.api.hookspecs import Augmentation, Encoder, PairedLoss, Slot
 from sslcore.config import resolve
@@ -22,8 +21,9 @@ from sslcore.registry import Registry
 from sslcore.testing import (
     build_for_training,
     built_slots,
+    check_entry_point,
     check_plugin,
-    run_distributed,
+    check_workers_match_one_process,
     run_example_briefly,
     tiny_encoder,
 )
@@ -148,31 +148,13 @@ def test_z_std_is_the_spread_of_the_normalised_projections() -> None:
     assert z_std.ndim == 0 and z_std.item() == pytest.approx(sum(stds) / d, rel=1e-5)
 
 
-def _worker(rank: int, world_size: int) -> dict:
-    torch.manual_seed(0)  # the same initial weights on every worker, as the engine seeds them
-    # eval mode: BatchNorm uses its running statistics, so no statistic couples the samples of a batch
-    # (per-worker batch statistics are the SyncBatchNorm question, not the loss's)
-    model = DistributedDataParallel(build_simsiam().eval())
-    mine = [v.chunk(world_size)[rank] for v in views()]
-    loss = model(mine)["loss"]
-    loss.backward()
-    return {"loss": loss.detach(), "grads": [p.grad.clone() for p in model.module.parameters() if p.requires_grad]}
+def simsiam_in_eval_mode() -> SimSiam:
+    """Its BatchNorms on running statistics: no batch statistic couples a worker's rows."""
+    return build_simsiam().eval()
 
 
 def test_two_workers_compute_the_loss_and_gradients_of_one_process() -> None:
-    torch.manual_seed(0)
-    model = build_simsiam().eval()
-    loss = model(views())["loss"]
-    loss.backward()
-
-    results = run_distributed(_worker, world_size=2)
-
-    torch.testing.assert_close(sum(r["loss"] for r in results) / 2, loss.detach())
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    for result in results:
-        assert len(result["grads"]) == len(grads)
-        for got, expected in zip(result["grads"], grads):
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    check_workers_match_one_process(simsiam_in_eval_mode, views)
 
 
 def test_method_simsiam_alone_resolves_to_the_official_recipe(registry: Registry, tmp_path: Path) -> None:
@@ -230,9 +212,9 @@ def test_simsiam_meets_the_method_and_loss_contracts(registry: Registry) -> None
 
 
 def test_the_installed_entry_point_registers_simsiam() -> None:
+    check_entry_point("sslcore-simsiam", [("method", "simsiam"), ("loss", "negative_cosine")])
     registry = Registry(autoload=True)
     method, loss = registry.get("method", "simsiam"), registry.get("loss", "negative_cosine")
-    assert method.distribution == loss.distribution == "sslcore-simsiam"
     assert method.factory is SimSiam and loss.factory is NegativeCosineLoss
     assert method.slots == SLOTS == {"encoder": Slot(Encoder, {"name": "resnet50", "zero_init_residual": True}),
                                      "augmentation": Slot(Augmentation, {"name": "moco_v2"}),

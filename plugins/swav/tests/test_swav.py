@@ -27,6 +27,7 @@ from sslcore.registry import Registry
 from sslcore.testing import (
     build_for_training,
     built_slots,
+    check_entry_point,
     check_plugin,
     resume_repeats_the_run,
     run_distributed,
@@ -369,9 +370,9 @@ def test_swav_meets_the_method_and_loss_contracts(registry: Registry) -> None:
 
 
 def test_the_installed_entry_point_registers_swav() -> None:
+    check_entry_point("sslcore-swav", [("method", "swav"), ("loss", "swav")])
     registry = Registry(autoload=True)
     method, loss = registry.get("method", "swav"), registry.get("loss", "swav")
-    assert method.distribution == loss.distribution == "sslcore-swav"
     assert method.factory is SwAV and loss.factory is SwAVLoss
     assert method.slots == SLOTS
     assert SLOTS["encoder"] == Slot(Encoder, {"name": "resnet50"}) and SLOTS["augmentation"].needs is Augmentation

@@ -11,7 +11,6 @@ import pytest
 import torch
 from sslcore_vicreg import VICReg, VICRegConfig, VICRegLoss, VICRegLossConfig
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from sslcore.api.hookspecs import Augmentation, Encoder, PairedLoss
 from sslcore.config import load_experiment, resolve
@@ -21,11 +20,13 @@ from sslcore.registry import Registry
 from sslcore.testing import (
     build_for_training,
     built_slots,
+    check_entry_point,
     check_plugin,
-    run_distributed,
+    check_workers_match_one_process,
     run_example_briefly,
     tiny_encoder,
 )
+from sslcore.toolkit.distributed import concat_all_gather
 
 GLOBAL_BATCH = 16
 EXAMPLE = Path(__file__).parents[3] / "examples" / "vicreg_cifar10.yaml"
@@ -141,40 +142,30 @@ def test_the_views_go_through_separately_and_the_terms_are_reported() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
-def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+def inputs() -> list[torch.Tensor]:
     """The global batch of both views: GLOBAL_BATCH x 8 each."""
     generator = torch.Generator().manual_seed(1)
-    return torch.randn(GLOBAL_BATCH, 8, generator=generator), torch.randn(GLOBAL_BATCH, 8, generator=generator)
+    return [torch.randn(GLOBAL_BATCH, 8, generator=generator), torch.randn(GLOBAL_BATCH, 8, generator=generator)]
 
 
-def _worker(rank: int, world_size: int) -> dict:
-    torch.manual_seed(0)  # the same initial weights on every worker
-    model = DistributedDataParallel(nn.Linear(8, 16))
-    x, x_prime = (x.chunk(world_size)[rank] for x in inputs())  # this worker's half of each view
-    z, z_prime = model(torch.cat([x, x_prime])).chunk(2)
+def linear() -> nn.Module:
+    return nn.Linear(8, 16)
+
+
+def vicreg_of_both_views(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
+    """Both views through ``model`` in one forward, then the loss, whose value and terms every worker computes
+    alike: those of the global batch, not of its half (the mean loss is compared with one process's)."""
+    z, z_prime = model(torch.cat(views)).chunk(2)
     loss_fn = VICRegLoss(VICRegLossConfig())
     loss = loss_fn(z, z_prime)
-    loss.backward()
-    return {"loss": loss.detach(), "terms": loss_fn.metrics(), "grads": [p.grad.clone() for p in model.parameters()]}
+    values = torch.stack([loss.detach(), *loss_fn.metrics().values()])  # the loss, s, v and c
+    every_worker = concat_all_gather(values[None])
+    assert torch.equal(every_worker, values.expand_as(every_worker)), f"workers' loss and terms differ: {every_worker}"
+    return loss
 
 
 def test_two_workers_compute_the_loss_and_gradients_of_one_process_on_the_global_batch() -> None:
-    torch.manual_seed(0)
-    model = nn.Linear(8, 16)
-    x, x_prime = inputs()
-    loss_fn = VICRegLoss(VICRegLossConfig())
-    loss = loss_fn(model(x), model(x_prime))
-    loss.backward()
-    assert loss.item() == pytest.approx(formula_loss(model(x), model(x_prime)), rel=1e-5)
-
-    results = run_distributed(_worker, world_size=2)
-
-    for result in results:  # each worker's loss and terms are those of the global batch, not of its half
-        torch.testing.assert_close(result["loss"], loss.detach())
-        for name, value in loss_fn.metrics().items():
-            torch.testing.assert_close(result["terms"][name], value)
-        for got, expected in zip(result["grads"], [p.grad for p in model.parameters()], strict=True):
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    check_workers_match_one_process(linear, inputs, loss=vicreg_of_both_views)
 
 
 def test_vicreg_meets_the_method_and_loss_contracts(registry: Registry) -> None:
@@ -182,9 +173,9 @@ def test_vicreg_meets_the_method_and_loss_contracts(registry: Registry) -> None:
 
 
 def test_the_installed_entry_point_registers_vicreg() -> None:
+    check_entry_point("sslcore-vicreg", [("method", "vicreg"), ("loss", "vicreg")])
     registry = Registry(autoload=True)
     method, loss = registry.get("method", "vicreg"), registry.get("loss", "vicreg")
-    assert method.distribution == loss.distribution == "sslcore-vicreg"
     assert method.factory is VICReg and loss.factory is VICRegLoss
     assert {slot: (s.needs, dict(s.default)) for slot, s in method.slots.items()} == {
         "encoder": (Encoder, {"name": "resnet50", "zero_init_residual": True}),

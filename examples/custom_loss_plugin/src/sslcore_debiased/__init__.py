@@ -33,15 +33,19 @@ class DebiasedInfoNCELoss(torch.nn.Module, ContrastiveLoss):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
                 exclude: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, negatives = q.float(), k.float(), negatives.float()
-        pos = torch.exp((q * k).sum(1) / self.t)  # N
-        neg = torch.exp(q @ negatives.T / self.t)  # N x K
-        if exclude is not None:
-            neg = neg.masked_fill(exclude, 0.0)
-        count = negatives.shape[0] - (exclude.sum(1) if exclude is not None else 0)  # N (or scalar)
-        ng = (neg.sum(1) - count * self.tau_plus * pos) / (1 - self.tau_plus)
-        ng = torch.maximum(ng, count * torch.tensor(math.exp(-1 / self.t)))
-        return -torch.log(pos / (pos + ng)).mean()
+        """``q``, ``k``: N x D, ``negatives``: K x D, all L2-normalised; ``exclude``: N x K bool or None."""
+        # exp(q.n / t) over a small t needs float32: autocast would run the matmul in bf16
+        with torch.autocast(q.device.type, enabled=False):
+            q, k, negatives = q.float(), k.float(), negatives.float()
+            pos = torch.exp((q * k).sum(1) / self.t)  # N
+            neg = torch.exp(q @ negatives.T / self.t)  # N x K
+            count = torch.full_like(pos, negatives.shape[0])  # N: the negatives that count, on q's device
+            if exclude is not None:
+                neg = neg.masked_fill(exclude, 0.0)
+                count = count - exclude.sum(1)
+            ng = (neg.sum(1) - count * self.tau_plus * pos) / (1 - self.tau_plus)
+            ng = torch.maximum(ng, count * math.exp(-1 / self.t))  # the estimator's lower bound
+            return -torch.log(pos / (pos + ng)).mean()
 
 
 @hookimpl
