@@ -30,8 +30,11 @@ class Tracker:
 
             Path(aim_repo).mkdir(parents=True, exist_ok=True)
             repo = aim.Repo.from_path(aim_repo, init=True)
+            # no system metrics (aim's thread samples CPU, memory and disk every 10 s otherwise): a run's
+            # curves are its own
             self.aim_run = aim.Run(run_hash=run_hash, repo=repo, experiment=aim_experiment or name,
-                                   log_system_params=False, capture_terminal_logs=False)
+                                   log_system_params=False, capture_terminal_logs=False,
+                                   system_tracking_interval=None)
             if run_hash is None:
                 self.aim_run["hparams"] = hparams
                 self.aim_run.name = name
