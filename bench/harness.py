@@ -50,6 +50,7 @@ def make_trainer(data: dict[str, Any], device: str = "cpu", run_root: Path | Non
     """sslcore's own Trainer for ``data`` (an experiment dict), set up in this process (local backend) on
     ``device`` ("cpu" or "cuda"), its run folder in a new temporary folder (under ``run_root`` if given)."""
     from sslcore.config import resolve
+    from sslcore.engine.console import Console
     from sslcore.engine.loop import Trainer, WorkerSpec
     from sslcore.engine.rundir import RunDir
     from sslcore.engine.session import LocalSession
@@ -62,7 +63,7 @@ def make_trainer(data: dict[str, Any], device: str = "cpu", run_root: Path | Non
     run = RunDir(run_dir / data["name"])
     run.path.mkdir(parents=True, exist_ok=True)
     spec = WorkerSpec(experiment=resolved.as_dict(), run_dir=str(run.path), source="bench")
-    trainer = Trainer(spec, LocalSession(use_gpu=device == "cuda"))
+    trainer = Trainer(spec, LocalSession(use_gpu=device == "cuda"), Console(interactive=False))
     trainer.setup()
     return trainer
 

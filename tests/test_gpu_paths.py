@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from sslcore.config import resolve
+from sslcore.engine.console import Console
 from sslcore.engine.loop import Trainer
 from sslcore.engine.rundir import RunDir
 from sslcore.registry import Registry
@@ -33,7 +34,7 @@ OFFICIAL_SYNC_BN = {"simclr": True, "byol": True, "simsiam": True, "barlowtwins"
 
 def sync_batchnorm_of(trainer_device: str, world_size: int, model: torch.nn.Module) -> torch.nn.Module:
     trainer = SimpleNamespace(train_cfg={"sync_batchnorm": True}, session=SimpleNamespace(world_size=world_size),
-                              device=torch.device(trainer_device), is_main=True)
+                              device=torch.device(trainer_device), is_main=True, console=Console(interactive=False))
     return Trainer._sync_batchnorm(trainer, model)
 
 
