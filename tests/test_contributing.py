@@ -71,7 +71,7 @@ def test_the_loss_of_contributing_trains_moco_and_is_refused_by_simclr(tmp_path:
     (tmp_path / "moco.yaml").write_text(f"""
 name: lab
 method: {{name: moco, bn_splits: 2}}
-encoder: {{name: resnet18}}
+encoder: {{name: resnet18, cifar_stem: false}}
 augmentation: {{name: moco_v2, size: 32}}
 negatives: {{name: in_batch}}
 loss: {{name: alignment, temperature: 0.1}}

@@ -179,7 +179,7 @@ def experiment(tmp_path: Path, subset: dict[str, Path], **overrides: object) -> 
         "output_dir": str(tmp_path / "runs"),
         "seed": 1,
         "method": {"name": "pcl", "momentum": 0.99, "bn_splits": 2, "warmup_epochs": 1, "grid_prototypes": 3},
-        "encoder": {"name": "resnet18"},
+        "encoder": {"name": "resnet18", "cifar_stem": False},
         "augmentation": {"name": "moco_v2", "size": 32},
         "negatives": {"name": "queue", "size": 64},
         "loss": {"name": "proto_nce", "temperature": 0.2, "num_negative_prototypes": 5},
