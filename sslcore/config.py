@@ -474,15 +474,13 @@ def resolve_block(registry: Registry, kind: str, block: dict[str, Any], source: 
     return cast(Block, validated)
 
 
-def load_experiment(path: str | Path, registry: Registry, overrides: list[str] | None = None,
-                    fit: bool = True) -> Resolved:
+def load_experiment(path: str | Path, registry: Registry, overrides: list[str] | None = None) -> Resolved:
     """Read, override and validate an experiment file; raises :class:`ConfigError` with every problem.
-    ``fit``: what the file leaves out of the encoder and augmentation follows the images' size
-    (:func:`fit_to_images`)."""
+    What the file leaves out of the encoder and augmentation follows the images' size (:func:`fit_to_images`)."""
     data, lines = load_yaml(path)
     apply_overrides(data, overrides or [], lines)
     resolved = resolve(data, registry, source=str(path), lines=lines)
-    return fit_to_images(resolved, data, registry) if fit else resolved
+    return fit_to_images(resolved, data, registry)
 
 
 #: how many of the first training images set the side that the fitted defaults follow

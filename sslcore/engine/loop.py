@@ -503,8 +503,8 @@ class Trainer:
         self.setup()
         self.last_checkpoint = time.monotonic()
         done = self.start_epoch * self.steps_per_epoch + self.start_batch
-        # one bar for the whole run, for a person at a terminal (the console draws none in a log)
-        self.show_progress = self.is_main and self.cfg["tracking"]["progress_bar"]
+        # one bar for the whole run, for a person at a terminal; in a log no bar, so no positions sent either
+        self.show_progress = self.is_main and self.cfg["tracking"]["progress_bar"] and self.spec.interactive
         if self.is_main and self.resumed_from is not None:
             where = f"epoch {self.start_epoch + 1}" + (f", batch {self.start_batch + 1}" if self.start_batch else "")
             self.console.line(f"sslcore: resuming {self.run.path} at {where} (step {self.step}) from "
