@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sslcore.api.errors import ConfigError
 from sslcore.api.recipe import BIAS_AND_NORM, TrainConfig
@@ -64,6 +64,74 @@ class CheckpointSection(_Model):
     keep: int = Field(2, ge=1, description="How many checkpoints to keep.")
 
 
+SPACE_HELP = "give [a, b, c] (a grid: every value), loguniform(lo, hi) or uniform(lo, hi)"
+
+
+def search_space(spec: Any) -> tuple[str, list[Any]]:
+    """One parameter's search space of ``sslcore sweep``: ``("grid", [a, b, c])`` from a list, or
+    ``("loguniform" | "uniform", [lo, hi])`` from the text ``loguniform(lo, hi)``; ValueError says what is wrong."""
+    if isinstance(spec, str):
+        text = spec.strip()
+        kind, sep, rest = text.partition("(")
+        kind = kind.strip()
+        if sep and kind in ("loguniform", "uniform") and rest.endswith(")"):
+            try:
+                bounds = [float(v) for v in rest[:-1].split(",")]
+            except ValueError:
+                raise ValueError(f"'{text}': the bounds are not numbers; {SPACE_HELP}") from None
+            if len(bounds) != 2 or not bounds[0] < bounds[1]:
+                raise ValueError(f"'{text}': give two bounds lo < hi, e.g. {kind}(0.01, 1)")
+            if kind == "loguniform" and bounds[0] <= 0:
+                raise ValueError(f"'{text}': loguniform needs lo > 0")
+            return kind, bounds
+        parsed = yaml.safe_load(text) if text.startswith("[") else None
+        if not isinstance(parsed, list):
+            raise ValueError(f"'{text}' is not a search space; {SPACE_HELP}")
+        spec = parsed
+    if not isinstance(spec, list) or not spec:
+        raise ValueError(f"{spec!r} is not a search space; {SPACE_HELP}")
+    return "grid", [_number(v) for v in spec]
+
+
+def _number(value: Any) -> Any:
+    """``1e-6`` as the number it means (YAML 1.1, PyYAML's, reads exponents without a dot as text)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+class SweepSection(_Model):
+    """What ``sslcore sweep`` searches (``sslcore run`` ignores this section; a trial's config.yaml has none)."""
+
+    params: dict[str, Any] = Field(default_factory=dict, description=(
+        "key.path: its search space: [a, b, c] (a grid: every value), 'loguniform(lo, hi)' or 'uniform(lo, hi)', "
+        "e.g. {loss.temperature: 'loguniform(0.05, 0.5)', train.optimizer.lr: [0.06, 0.12]}"))
+    trials: int = Field(1, ge=1, description="Samples of the distributions; each is crossed with every grid "
+                                             "point (Ray Tune's num_samples)")
+    metric: str = Field("knn_top1", description="The epoch metric to prune on and pick the best by")
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "none"] = Field("asha", description="asha: stop trials behind the others at "
+                                                                   "each rung; none: train every trial to the end")
+    grace_epochs: int | None = Field(None, ge=1, description="ASHA's first rung (default: the first epoch whose "
+                                                             "metrics carry the metric)")
+    reduction_factor: float = Field(2, gt=1, description="ASHA keeps 1 / reduction_factor of the trials at a rung")
+    max_concurrent: int | None = Field(None, ge=1, description="Default: as many as the cluster's resources hold")
+    cpus_per_trial: float | None = Field(None, gt=0, description="Default: scaling.cpus_per_worker, else 1")
+
+    @field_validator("params")
+    @classmethod
+    def _spaces(cls, params: dict[str, Any]) -> dict[str, Any]:
+        for key, spec in params.items():
+            try:
+                search_space(spec)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        return params
+
+
 class Experiment(_Model):
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.\-]+$")
     seed: int = 0
@@ -81,6 +149,7 @@ class Experiment(_Model):
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     plugins: list[str] = Field(default_factory=list, description="Extra modules to load as plugins.")
+    sweep: SweepSection | None = Field(None, description="What sslcore sweep searches; sslcore run ignores it.")
 
 
 @dataclass
@@ -259,7 +328,7 @@ class _Errors:
             else:
                 got = err.get("input")
                 shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
-                self.add(loc, f"{err['msg']}{shown}")
+                self.add(loc, f"{err['msg'].removeprefix('Value error, ')}{shown}")  # a validator's own words
 
     def raise_if_any(self) -> None:
         if self.items:

@@ -1,4 +1,4 @@
-"""The ``sslcore`` command: run | validate | plugins | schema | export | eval | report | new-plugin.
+"""The ``sslcore`` command: run | sweep | validate | plugins | schema | export | eval | report | new-plugin.
 
 User errors (a bad experiment file, an unknown component, unreadable data, a NaN loss) print one line each
 and exit with code 2, without a traceback, on the Ray backend as in-process.
@@ -81,8 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", type=Path)
 
     from sslcore.commands.new_plugin import add_parser as add_new_plugin
+    from sslcore.commands.sweep import add_parser as add_sweep
 
     add_new_plugin(commands)
+    add_sweep(commands, common)
     return parser
 
 
@@ -283,6 +285,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from sslcore.commands.sweep import cmd_sweep as sweep
+
+    return sweep(args)
+
+
 def cmd_new_plugin(args: argparse.Namespace) -> int:
     from sslcore.commands.new_plugin import cmd_new_plugin as new_plugin
 
@@ -290,7 +298,8 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "schema": cmd_schema,
-            "export": cmd_export, "eval": cmd_eval, "report": cmd_report, "new-plugin": cmd_new_plugin}
+            "export": cmd_export, "eval": cmd_eval, "report": cmd_report, "new-plugin": cmd_new_plugin,
+            "sweep": cmd_sweep}
 
 if __name__ == "__main__":
     sys.exit(main())

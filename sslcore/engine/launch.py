@@ -159,24 +159,23 @@ def launch(resolved: Resolved, registry: Registry, plugin_modules: list[str], re
     return _fit_on_ray(spec, resolved, run, address)
 
 
-def _fit_on_ray(spec: WorkerSpec, resolved: Resolved, run: RunDir, address: str | None) -> dict[str, Any]:
+def init_ray(address: str | None, verbose: bool, plugins: list[str]) -> bool:
+    """Start Ray for sslcore's jobs (``sslcore run`` on Ray Train, ``sslcore sweep``), or join the cluster at
+    ``address`` (or ``RAY_ADDRESS``); returns whether it was started here (then the caller shuts it down).
+    ``verbose``: the workers' own output on this console too. ``plugins``: the modules to load as plugins."""
     import ray
-    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2.api.exceptions import TrainingFailedError
 
-    scaling = resolved.experiment.scaling
     # Plugin modules the workers cannot import (not installed) travel with the job; Ray takes local
     # py_modules only at the job level, in ray.init.
     # The hook runs in every process of the job, Ray's own actors too: its module imports no torch
     # (this module's import of torch cost ~2.5 s of start-up on 2 cores; bench/results.md).
     job_env: dict[str, Any] = {"worker_process_setup_hook": "sslcore.engine.ray_worker.quiet_ray_worker",
-                               "env_vars": {VERBOSE_ENV: "1" if spec.verbose else "0"}}
-    local_modules = _uninstalled_module_paths(list(spec.plugins))
+                               "env_vars": {VERBOSE_ENV: "1" if verbose else "0"}}
+    local_modules = _uninstalled_module_paths(plugins)
     if local_modules:
         job_env["py_modules"] = local_modules
     started_here = not ray.is_initialized()
-    if not spec.verbose:  # a notice on every start of a local cluster
+    if not verbose:  # a notice on every start of a local cluster
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if started_here:
         if address is None:
@@ -191,13 +190,24 @@ def _fit_on_ray(spec: WorkerSpec, resolved: Resolved, run: RunDir, address: str 
             # the workers' own output (Ray's and aim's lines) stays in Ray's log files, copied to the run's
             # ray.log at the end; sslcore's lines reach this console through the run's console.jsonl
             ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                     log_to_driver=spec.verbose, configure_logging=False, runtime_env=job_env)
+                     log_to_driver=verbose, configure_logging=False, runtime_env=job_env)
         except ConnectionError as exc:
             raise UserError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[-1]}); "
                             f"check the address (ray status) or leave --address out to start a local one") from None
     elif local_modules:
         logger.warning("Ray was initialised before sslcore; plugin modules %s reach the workers only if they are "
                        "importable there", local_modules)
+    return started_here
+
+
+def _fit_on_ray(spec: WorkerSpec, resolved: Resolved, run: RunDir, address: str | None) -> dict[str, Any]:
+    import ray
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
+    scaling = resolved.experiment.scaling
+    started_here = init_ray(address, spec.verbose, list(spec.plugins))
     resources = ray.cluster_resources()
     print(f"sslcore: Ray cluster at {ray.get_runtime_context().gcs_address} ({resources.get('CPU', 0):g} CPUs, "
           f"{resources.get('GPU', 0):g} GPUs); {scaling.num_workers} worker(s)", flush=True)

@@ -38,7 +38,7 @@ from sslcore.engine.console import Console, ConsoleFile, Lines, LinesHandler
 from sslcore.engine.context import EvalContext, MethodContext
 from sslcore.engine.data import item_seed
 from sslcore.engine.rundir import RunDir
-from sslcore.engine.session import LocalSession, RaySession, Session
+from sslcore.engine.session import LocalSession, RaySession, Session, TuneSession
 from sslcore.engine.tracking import Tracker
 from sslcore.registry import Registry
 
@@ -60,7 +60,8 @@ class WorkerSpec:
     launched_at: float | None = None  # time.time() when the command started
     interactive: bool = False  # a person watches at a terminal: draw a progress bar
     verbose: bool = False  # show Ray's and Ray Train's own output on the console
-    backend: str = "local"  # where the loop runs: "local" (this process) or "ray" (a Ray Train worker)
+    backend: str = "local"  # where the loop runs: "local" (this process), "ray" (a Ray Train worker) or "tune"
+    sweep_metric: str = ""  # backend "tune": the metric the sweep prunes on (the epochs that carry it are reported)
 
 
 class Stopped(Exception):
@@ -583,6 +584,16 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, Any]:
             return Trainer(spec, session, console).fit()
         finally:
             console.close()
+    if spec.backend == "tune":  # a trial of sslcore sweep: its console is the run's console.jsonl, as on Ray
+        session = TuneSession(spec.experiment["scaling"]["use_gpu"], spec.run_dir, spec.sweep_metric,
+                              spec.experiment["train"]["epochs"])
+        lines = ConsoleFile(run.console_file)
+        warnings = LinesHandler(lines)
+        logging.getLogger("sslcore").addHandler(warnings)
+        try:
+            return Trainer(spec, session, lines).fit()
+        finally:
+            logging.getLogger("sslcore").removeHandler(warnings)
     if run.read_error() is not None:
         return {"sslcore_error": 1.0}
     session = RaySession()

@@ -1,4 +1,5 @@
-"""Where the training loop runs: a Ray Train worker, or this process alone (``scaling.backend: local``).
+"""Where the training loop runs: a Ray Train worker, this process alone (``scaling.backend: local``), or a
+trial of ``sslcore sweep`` (one process, its epochs reported to Ray Tune).
 
 The loop talks only to a :class:`Session`; the two kinds differ in how they wrap the model and the
 DataLoader, how workers agree and how metrics are reported. Checkpoints are not a session's business: rank 0
@@ -7,6 +8,8 @@ writes them to the run folder on both (``RunDir.write_checkpoint``), and every w
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +48,51 @@ class Session:
 class LocalSession(Session):
     def __init__(self, use_gpu: bool) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+class TuneSession(LocalSession):
+    """A trial of ``sslcore sweep``: one process, as ``LocalSession``, whose epochs are reported to Ray Tune
+    for its scheduler to prune on. An epoch is reported only when it carries ``metric`` (an evaluator that runs
+    every few epochs is pruned on at those epochs), and the last epoch always is. ``epochs`` (epochs done) is
+    the scheduler's clock, so a trial resumed from its run folder keeps its place. Each report made just
+    after sslcore wrote a checkpoint carries a Tune checkpoint naming it (a few bytes: the weights stay in the
+    run folder), which is what Tune's restore of an interrupted sweep keeps."""
+
+    def __init__(self, use_gpu: bool, run_dir: str, metric: str, epochs: int) -> None:
+        super().__init__(use_gpu)
+        from ray import tune
+
+        from sslcore.engine.rundir import RunDir
+
+        self._tune, self._run, self.metric, self.epochs = tune, RunDir(run_dir), metric, epochs
+        self._reported = self._run.latest_checkpoint()
+
+    #: the reported epochs, one JSON line each, in the trial's run folder (an epoch trained again after a resume
+    #: is there twice: the later line counts)
+    EPOCHS_FILE = "sweep_epochs.jsonl"
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        import tempfile
+
+        if "preempted" in metrics:
+            return
+        done = int(metrics["epoch"]) + 1
+        if self.metric not in metrics and done < self.epochs:
+            return
+        result = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}
+        result["epochs"] = done
+        # the trial's own record, complete even when the sweep is interrupted between a report and its receipt
+        with open(self._run / self.EPOCHS_FILE, "a") as file:
+            file.write(json.dumps(result) + "\n")
+        latest = self._run.latest_checkpoint()
+        if latest is None or latest == self._reported:
+            self._tune.report(result)
+            return
+        self._reported = latest
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "sslcore.json").write_text(json.dumps({"run_dir": str(self._run.path),
+                                                                   "checkpoint": str(latest), "epochs": done}))
+            self._tune.report(result, checkpoint=self._tune.Checkpoint.from_directory(folder))
 
 
 class RaySession(Session):
