@@ -42,11 +42,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from sslcore.api.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from sslcore.config import Resolved
 
 SWEEP_FILE = "sweep.json"
 TUNE_FOLDER = "tune"
@@ -88,10 +91,10 @@ FLAGS = ("trials", "metric", "mode", "scheduler", "grace_epochs", "reduction_fac
 
 # -- the sweep, as the driver prepares it -----------------------------------------------------------------
 
-def prepare(args: argparse.Namespace, registry: Any) -> dict[str, Any]:
-    """The sweep of ``args.file``: the experiment as the user gave it (file and ``--set``, without its
-    ``sweep:`` section), the settings, and where it runs; every value of the space is validated here, so
-    that a wrong key fails in one line before Ray starts."""
+def prepare(args: argparse.Namespace, registry: Any) -> tuple[dict[str, Any], Resolved]:
+    """The sweep of ``args.file`` (what sweep.json keeps): the experiment as the user gave it (file and
+    ``--set``, without its ``sweep:`` section), the settings, and where it runs; and the experiment resolved.
+    Every value of the space is validated here, so that a wrong key fails in one line before Ray starts."""
     from sslcore.config import SweepSection, apply_overrides, fit_to_images, load_yaml, resolve
 
     data, lines = load_yaml(args.file)
@@ -133,8 +136,7 @@ def prepare(args: argparse.Namespace, registry: Any) -> dict[str, Any]:
             "cwd": os.getcwd(), "use_gpu": experiment.scaling.use_gpu,
             "cpus": settings.cpus_per_trial or experiment.scaling.cpus_per_worker or 1,
             "aim_repo": (experiment.tracking.aim.repo or str(Path(experiment.output_dir).resolve() / ".aim"))
-            if experiment.tracking.aim is not None else None,
-            "fitted": resolved.fitted, "image_side": resolved.image_side}
+            if experiment.tracking.aim is not None else None}, resolved
 
 
 def _check_values(base: dict[str, Any], key: str, space: Any, registry: Any, source: str) -> None:
@@ -298,26 +300,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     elif args.file is None:
         raise UserError("sslcore sweep: give an experiment file (or --resume SWEEP_DIR)")
     else:
-        sweep = prepare(args, registry)
-        if sweep["fitted"]:
-            print(_fitted_line(_Fitted(sweep["fitted"], sweep["image_side"])), flush=True)
+        sweep, resolved = prepare(args, registry)
+        fitted = _fitted_line(resolved)
+        if fitted:
+            print(fitted, flush=True)
         folder = Path(sweep["folder"])
         if (folder / SWEEP_FILE).exists():
             raise UserError(f"{folder} already holds a sweep: pass --resume {folder} to continue it, or set a new "
                             "name (--set name=...)")
-        if args.address is None:
-            from sslcore.config import load_experiment
+        if args.address is None:  # a remote cluster's nodes may see other files than this machine
             from sslcore.engine.launch import check_data
 
-            check_data(load_experiment(args.file, registry, args.overrides), registry)
+            check_data(resolved, registry)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / SWEEP_FILE).write_text(json.dumps(sweep, indent=2))
     return _run(sweep, args)
-
-
-class _Fitted:
-    def __init__(self, fitted: dict[str, Any], side: int | None) -> None:
-        self.fitted, self.image_side = fitted, side
 
 
 def _read_sweep(folder: Path) -> dict[str, Any]:
