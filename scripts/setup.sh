@@ -14,7 +14,7 @@ plugins=()
 for dir in plugins/*/ examples/custom_loss_plugin/; do
   [ -f "$dir/pyproject.toml" ] && plugins+=(-e "$dir")
 done
-python -m pip install --quiet -e ".[test,umap,timm]" "${plugins[@]}"
+python -m pip install --quiet -e ".[test,umap,timm,onnx]" "${plugins[@]}"
 python scripts/prepare_cifar10.py
 
 # The browser test (tests/test_aim_ui.py) drives Debian's chromium with Playwright for Python (the test

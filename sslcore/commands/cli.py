@@ -59,9 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     schema.add_argument("kind", nargs="?", help="component kind, e.g. loss")
     schema.add_argument("name", nargs="?", help="component name, e.g. info_nce")
 
-    export = commands.add_parser("export", parents=[common], help="write a run's backbone as a state_dict")
-    export.add_argument("run_dir", type=Path)
-    export.add_argument("-o", "--output", type=Path, required=True)
+    from sslcore.commands.export import add_parser as add_export
+
+    add_export(commands, common)
 
     evaluate = commands.add_parser("eval", parents=[common], help="run evaluators on a run or a backbone file")
     evaluate.add_argument("target", type=Path, help="a run folder, or a backbone.pt / checkpoint file")
@@ -256,12 +256,9 @@ def _names(registry: Registry, kind: str) -> list[str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sslcore.commands.export import export_backbone
+    from sslcore.commands.export import cmd_export as export
 
-    registry = _registry(args)
-    path = export_backbone(args.run_dir, args.output, registry)
-    print(f"wrote {path}")
-    return 0
+    return export(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
