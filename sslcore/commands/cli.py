@@ -1,4 +1,4 @@
-"""The ``sslcore`` command: run | sweep | validate | plugins | schema | export | eval | report | new-plugin.
+"""The ``sslcore`` command: run, sweep, validate, plugins, schema, export, eval, embed, search, report, new-plugin.
 
 User errors (a bad experiment file, an unknown component, unreadable data, a NaN loss) print one line each
 and exit with code 2, without a traceback, on the Ray backend as in-process.
@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", parents=[common], help="write RUN_DIR/report.md: config, curves, "
                                                                   "evaluation tables and plots")
     report.add_argument("run_dir", type=Path)
+
+    from sslcore.commands.embed import add_parser as add_embed
+
+    add_embed(commands, common)
 
     from sslcore.commands.new_plugin import add_parser as add_new_plugin
     from sslcore.commands.sweep import add_parser as add_sweep
@@ -282,6 +286,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from sslcore.commands.embed import cmd_embed as embed
+
+    return embed(args)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from sslcore.commands.embed import cmd_search as search
+
+    return search(args)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sslcore.commands.sweep import cmd_sweep as sweep
 
@@ -296,7 +312,7 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "schema": cmd_schema,
             "export": cmd_export, "eval": cmd_eval, "report": cmd_report, "new-plugin": cmd_new_plugin,
-            "sweep": cmd_sweep}
+            "sweep": cmd_sweep, "embed": cmd_embed, "search": cmd_search}
 
 if __name__ == "__main__":
     sys.exit(main())

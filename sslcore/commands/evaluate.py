@@ -11,6 +11,9 @@ with the ``data`` of the run's first evaluator (its test set); ``--set key=value
 evaluators, ``--set NAME.key=value`` changes one). Results are printed and kept in ``evaluations.json`` of
 the output folder (the run folder by default), where ``sslcore report`` finds them; ``--random-init``
 evaluates the encoder as built from the experiment's seed, untrained, and keeps it as ``NAME@random_init``.
+
+:func:`find_target` and :func:`load_backbone` resolve and load a TARGET; ``sslcore embed`` and ``sslcore search``
+use them too.
 """
 
 from __future__ import annotations
@@ -18,28 +21,33 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sslcore.api.errors import UserError
-from sslcore.config import apply_overrides, load_yaml, resolve, resolve_block
+from sslcore.config import Resolved, apply_overrides, load_yaml, resolve, resolve_block
 from sslcore.engine.context import EvalContext
 from sslcore.engine.launch import dry_build
 from sslcore.engine.loop import AUTOCAST_DTYPES, resolve_precision, seed_everything
 from sslcore.engine.rundir import RunDir, load_torch_file
 from sslcore.registry import Registry
 
+if TYPE_CHECKING:
+    from sslcore.api.hookspecs import Augmentation
+
 RANDOM_INIT = "random_init"
 logger = logging.getLogger(__name__)
 
 
-def _config_and_weights(target: Path, config: Path | None) -> tuple[Path, Path | None]:
-    """The experiment file and weights file of ``target`` (weights None: a run without checkpoints)."""
+def _config_and_weights(target: Path, config: Path | None, command: str = "eval") -> tuple[Path, Path | None]:
+    """The experiment file and weights file of ``target`` (weights None: a run without checkpoints);
+    ``command`` names the subcommand in errors."""
     if config is not None and not config.is_file():
-        raise UserError(f"sslcore eval --config {config}: no such file" if not config.exists() else
-                        f"sslcore eval --config {config}: not a file; give the experiment YAML of the weights")
+        raise UserError(f"sslcore {command} --config {config}: no such file" if not config.exists() else
+                        f"sslcore {command} --config {config}: not a file; give the experiment YAML of the weights")
     if target.is_dir():
         run = RunDir(target)
         weights = run.latest_checkpoint() or (run.backbone_file if run.backbone_file.is_file() else None)
@@ -49,11 +57,11 @@ def _config_and_weights(target: Path, config: Path | None) -> tuple[Path, Path |
         candidates = [config, target.with_suffix(".yaml"), RunDir(target.parent).config_file,
                       RunDir(target.parent.parent).config_file]  # a checkpoint_*/state.pt
     else:
-        raise UserError(f"sslcore eval {target}: no such run folder or weights file")
+        raise UserError(f"sslcore {command} {target}: no such run folder or weights file")
     for candidate in candidates:
         if candidate is not None and candidate.is_file():
             return candidate, weights
-    raise UserError(f"sslcore eval {target}: no experiment found (looked for "
+    raise UserError(f"sslcore {command} {target}: no experiment found (looked for "
                     f"{', '.join(str(c) for c in candidates if c is not None)}); pass --config EXPERIMENT.yaml")
 
 
@@ -116,17 +124,85 @@ def _override_for(override: str, name: str, names: list[str]) -> str | None:
     return override
 
 
-def _device(name: str | None) -> torch.device:
-    """The ``--device`` to evaluate on (default: cuda when there is one), checked before anything is built."""
+def _device(name: str | None, command: str = "eval") -> torch.device:
+    """The ``--device`` to run on (default: cuda when there is one), checked before anything is built."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"sslcore eval --device {name}: not a device torch knows; use cpu or cuda") from None
+        raise UserError(f"sslcore {command} --device {name}: not a device torch knows; use cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"sslcore eval --device {name}: this machine has no CUDA device; use --device cpu")
+        raise UserError(f"sslcore {command} --device {name}: this machine has no CUDA device; use --device cpu")
     return device
+
+
+@dataclass
+class Target:
+    """A TARGET of ``sslcore eval`` (or embed, search) found and its experiment validated, nothing built yet."""
+
+    config_file: Path  # the experiment the weights were trained with
+    weights: Path | None  # None: a run without checkpoints (only --random-init can use it)
+    resolved: Resolved
+    device: torch.device
+
+
+@dataclass
+class LoadedBackbone:
+    """A TARGET's backbone with its trained weights, in eval mode on its device, and what evaluating it needs."""
+
+    backbone: torch.nn.Module
+    augmentation: Augmentation  # the experiment's; ``augmentation.eval`` is the eval transform
+    experiment: dict[str, Any]  # resolved
+    weights: str  # the weights file, or RANDOM_INIT
+    epoch: int  # the epoch trained, -1 when the weights do not say
+    device: torch.device
+
+    def context(self, registry: Registry, run_dir: Path | None = None) -> EvalContext:
+        """The :class:`EvalContext` of the run: its eval transform, training data, precision, memory format."""
+        train = self.experiment["train"]
+        loader_workers = train["loader_workers"]
+        return EvalContext(
+            registry=registry, eval_transform=self.augmentation.eval, train_data=self.experiment["data"],
+            device=self.device, batch_size=256,
+            num_workers=loader_workers if loader_workers is not None else (4 if self.device.type == "cuda" else 0),
+            epoch=self.epoch, channels_last=train["channels_last"],
+            autocast_dtype=AUTOCAST_DTYPES[resolve_precision(train["precision"], self.device)], run_dir=run_dir,
+            labelled_transform=self.augmentation.labelled)
+
+
+def find_target(target: Path, registry: Registry, config: Path | None = None, device: str | None = None, *,
+                random_init: bool = False, command: str = "eval") -> Target:
+    """``target`` (a run folder, a backbone.pt or a checkpoint's state.pt; its experiment from ``config`` or
+    beside it) found and its experiment validated, so that the command's other arguments can be checked
+    before the backbone is built; ``command`` names the subcommand in errors."""
+    config_file, weights = _config_and_weights(target, config, command)
+    run_device = _device(device, command)
+    data, lines = load_yaml(config_file)
+    resolved = resolve(data, registry, source=str(config_file), lines=lines)
+    if weights is None and not random_init:
+        hint = ", or pass --random-init" if command == "eval" else ""
+        raise UserError(f"{target}: no checkpoint or backbone.pt yet; train at least checkpoint.every_epochs "
+                        f"epochs{hint}")
+    return Target(config_file=config_file, weights=weights, resolved=resolved, device=run_device)
+
+
+def load_backbone(target: Target, registry: Registry, *, random_init: bool = False) -> LoadedBackbone:
+    """Build ``target``'s encoder from its experiment (seeded) and load its weights (none: ``random_init``)."""
+    experiment = target.resolved.as_dict()
+    state = None if random_init or target.weights is None else _read_weights(target.weights)
+    seed_everything(experiment["seed"])
+    # per-image state sized as in the checkpoint; from the data for a backbone state_dict or at random init
+    method = dry_build(target.resolved, registry, dataset_size=(state or {}).get("dataset_size"))
+    backbone = method.backbone
+    epoch = -1 if state is None else _load_weights(backbone, method, target.weights, state)
+    channels_last = experiment["train"]["channels_last"]
+    backbone = backbone.to(target.device,
+                           memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    backbone.eval()
+    return LoadedBackbone(backbone=backbone, augmentation=registry.build("augmentation", experiment["augmentation"]),
+                          experiment=experiment, weights=RANDOM_INIT if state is None else str(target.weights),
+                          epoch=epoch, device=target.device)
 
 
 def evaluate_target(target: Path, names: list[str], registry: Registry, overrides: list[str] | None = None,
@@ -134,27 +210,9 @@ def evaluate_target(target: Path, names: list[str], registry: Registry, override
                     device: str | None = None) -> dict[str, dict[str, float]]:
     """Run the evaluators ``names`` on ``target``; returns ``{key: metrics}`` (key ``NAME`` or
     ``NAME@random_init``) and merges the same into ``output/evaluations.json``."""
-    config_file, weights = _config_and_weights(target, config)
-    run_device = _device(device)
-    data, lines = load_yaml(config_file)
-    resolved = resolve(data, registry, source=str(config_file), lines=lines)
-    if weights is None and not random_init:
-        raise UserError(f"{target}: no checkpoint or backbone.pt yet; train at least checkpoint.every_epochs "
-                        "epochs, or pass --random-init")
-    blocks = _evaluator_blocks(resolved.evaluators, names, overrides or [], registry, config_file)
-    experiment = resolved.as_dict()
-    state = None if random_init else _read_weights(weights)
-    seed_everything(experiment["seed"])
-    # per-image state sized as in the checkpoint; from the data for a backbone state_dict or at random init
-    method = dry_build(resolved, registry, dataset_size=(state or {}).get("dataset_size"))
-    backbone = method.backbone
-    epoch = -1 if state is None else _load_weights(backbone, method, weights, state)
-    train = experiment["train"]
-    channels_last = train["channels_last"]
-    backbone = backbone.to(run_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    backbone.eval()
-    augmentation = registry.build("augmentation", experiment["augmentation"])
-    loader_workers = train["loader_workers"]
+    found = find_target(target, registry, config, device, random_init=random_init)
+    blocks = _evaluator_blocks(found.resolved.evaluators, names, overrides or [], registry, found.config_file)
+    loaded = load_backbone(found, registry, random_init=random_init)
     out_dir = output or (target if target.is_dir() else target.parent)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -162,21 +220,14 @@ def evaluate_target(target: Path, names: list[str], registry: Registry, override
         raise UserError(f"sslcore eval -o {out_dir}: cannot make the output folder ({exc.strerror or exc}); "
                         "give a folder for evaluations.json") from None
     record = RunDir(out_dir)
-    context = EvalContext(
-        registry=registry, eval_transform=augmentation.eval, train_data=experiment["data"], device=run_device,
-        batch_size=256, num_workers=loader_workers if loader_workers is not None else (4 if run_device.type == "cuda"
-                                                                                        else 0),
-        epoch=epoch, channels_last=channels_last,
-        autocast_dtype=AUTOCAST_DTYPES[resolve_precision(train["precision"], run_device)], run_dir=out_dir,
-        labelled_transform=augmentation.labelled)
-    weights_name = RANDOM_INIT if random_init else str(weights)
+    context = loaded.context(registry, run_dir=out_dir)
     results: dict[str, dict[str, float]] = {}
     for block in blocks:
         evaluator = registry.build("evaluator", block)
         started = time.perf_counter()
-        metrics = evaluator.evaluate(backbone, context)
+        metrics = evaluator.evaluate(loaded.backbone, context)
         key = f"{block['name']}@{RANDOM_INIT}" if random_init else block["name"]
         results[key] = metrics
-        record.record_evaluation(key, {"evaluator": block, "weights": weights_name, "epoch": epoch,
+        record.record_evaluation(key, {"evaluator": block, "weights": loaded.weights, "epoch": loaded.epoch,
                                        "seconds": round(time.perf_counter() - started, 1), "metrics": metrics})
     return results

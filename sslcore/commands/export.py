@@ -139,28 +139,17 @@ def load_backbone(target: Path, registry: Registry,
     """The trained backbone of ``target`` on the CPU, float32, in eval mode; the experiment file it was built
     from; and that experiment resolved. ``target``: a run folder (its latest checkpoint, else its backbone.pt) or
     a weights file, whose experiment is ``config``, else found as ``sslcore eval`` finds it."""
-    from sslcore.commands.evaluate import _config_and_weights, _load_weights, _read_weights
-    from sslcore.config import load_yaml, resolve
-    from sslcore.engine.launch import dry_build
+    import torch
+
+    from sslcore.commands.evaluate import find_target
+    from sslcore.commands.evaluate import load_backbone as load
     from sslcore.engine.rundir import RunDir
 
-    if not target.exists():
-        raise UserError(f"sslcore export {target}: no such run folder or weights file")
-    if config is not None and not config.is_file():
-        raise UserError(f"sslcore export --config {config}: " + ("not a file; give the experiment YAML of the "
-                                                                 "weights" if config.exists() else "no such file"))
     if target.is_dir() and config is None and not RunDir(target).has_config():
         raise UserError(f"{target}: no {RunDir.CONFIG}; give the folder of a run (runs/<name>)")
-    config_file, weights = _config_and_weights(target, config)
-    if weights is None:
-        raise UserError(f"{target}: no checkpoint yet; train at least checkpoint.every_epochs epochs")
-    data, lines = load_yaml(config_file)
-    resolved = resolve(data, registry, source=str(config_file), lines=lines)
-    state = _read_weights(weights)
-    # per-image state (a memory bank) sized as in the checkpoint; from the data for a backbone state_dict
-    method = dry_build(resolved, registry, dataset_size=state.get("dataset_size"))
-    _load_weights(method.backbone, method, weights, state)
-    return method.backbone.float().eval(), config_file, resolved
+    found = find_target(target, registry, config, device="cpu", command="export")
+    backbone = load(found, registry).backbone  # per-image state sized as in the checkpoint, as for sslcore eval
+    return backbone.to(torch.float32, memory_format=torch.contiguous_format).eval(), found.config_file, found.resolved
 
 
 def _make_parent(output: Path) -> None:

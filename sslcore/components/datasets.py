@@ -44,8 +44,12 @@ class ImageFiles(Dataset):
         """Every item's label (-1: unlabeled), without decoding the images."""
         return self._labels
 
+    def path(self, index: int) -> str:
+        """The file of item ``index`` (under ``root``)."""
+        return os.path.join(self.root, os.fsdecode(self._paths[index]))
+
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        path = os.path.join(self.root, os.fsdecode(self._paths[index]))
+        path = self.path(index)
         return load_image(path), int(self._labels[index])
 
 
