@@ -51,9 +51,10 @@ logger = logging.getLogger(__name__)
 
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
 #: above this many vectors ``--index auto`` builds HNSW instead of the exact flat index. Measured on 2 CPU cores
-#: (bench/embed_search.py), exact search costs 20 ms a query at 50,000 512-d vectors, growing with N: up to 100,000
-#: that is ~40 ms, nothing beside the seconds ``sslcore search`` spends building the backbone, and exact; above,
-#: HNSW answers in under 0.5 ms at recall@10 0.99+, for a build (~11 s at 50,000) that pays off over many queries.
+#: (bench/embed_search.py, a quiet machine), exact search costs 5.8 ms a query at 50,000 512-d vectors, growing with
+#: N: up to 100,000 that is ~12 ms, nothing beside the seconds ``sslcore search`` spends building the backbone, and
+#: exact; above, HNSW answers in ~0.2 ms at recall@10 0.99+, for a build (~4 s at 50,000) that pays off over many
+#: queries.
 DEFAULT_THRESHOLD = 100_000
 #: inverted lists an IVF search visits (measured recall@10: 0.98 at 10,000 vectors, 0.935 at 50,000)
 IVF_NPROBE = 32
