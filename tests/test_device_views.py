@@ -293,7 +293,9 @@ def test_device_true_without_a_device_path_is_an_error(registry):
 
 def test_device_path_trains_and_resumes_exactly(cifar10_dir, tmp_path):
     """MoCo v2 with its views made on the (CPU) device: a run resumed inside an epoch and at its end repeats
-    the uninterrupted one bit for bit."""
-    resume_repeats_the_run(EXAMPLES / "moco_cifar10.yaml", cifar10_dir, tmp_path, "augmentation.device=true")
+    the uninterrupted one bit for bit. (The standard stem: the views are the question, not the encoder's
+    16x FLOPs at 32 px.)"""
+    resume_repeats_the_run(EXAMPLES / "moco_cifar10.yaml", cifar10_dir, tmp_path, "augmentation.device=true",
+                           "encoder.cifar_stem=false")
     summaries = list(tmp_path.glob("**/summary.json"))
     assert len(summaries) == 3 and all(RunDir(s.parent).read_summary()["views_made_on"] == "cpu" for s in summaries)

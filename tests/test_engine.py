@@ -288,7 +288,11 @@ def test_adamw_fp16_channels_last_constant_schedule(tmp_path: Path, cifar10_subs
 
 
 @pytest.mark.ray
-def test_address_joins_an_existing_ray_cluster(tmp_path: Path, cifar10_subset: dict) -> None:
+def test_a_run_on_a_joined_cluster_resumes_on_a_new_one_from_the_run_folders_checkpoints(
+        tmp_path: Path, cifar10_subset: dict) -> None:
+    """``--address`` joins a running cluster; and nothing of Ray Train's is needed to resume: its bookkeeping
+    lives only while a launch runs, so the run goes on from its folder on a cluster of its own once the one
+    it trained on is stopped. (Joining and resuming share the first launch: each costs ~30 s on 2 cores.)"""
     import socket
 
     with socket.socket() as s:
@@ -296,37 +300,35 @@ def test_address_joins_an_existing_ray_cluster(tmp_path: Path, cifar10_subset: d
         port = s.getsockname()[1]
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cluster_env = {**env(), "RAY_AUTH_MODE": "disabled"}  # a private cluster on loopback, for this test only
+    path = experiment(tmp_path, cifar10_subset, scaling={"backend": "ray", "num_workers": 1}, evaluators=[],
+                      train={"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 3, "log_every_steps": 1})
     start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                             "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
                            env=cluster_env, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr[-3000:]
     try:
-        path = experiment(tmp_path, cifar10_subset, scaling={"backend": "ray", "num_workers": 1},
-                          train={"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 2}, evaluators=[])
         out = subprocess.run([*CLI, "run", str(path), "--address", f"127.0.0.1:{port}"], env=cluster_env,
                              capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
-        assert f":{port} (2 CPUs" in out.stdout  # the cluster started above, not a new local one
-        assert (tmp_path / "runs" / "unit" / "backbone.pt").is_file()
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=cluster_env, capture_output=True, timeout=120)
-
-
-@pytest.mark.ray
-def test_resume_through_ray_continues_from_the_run_folders_checkpoints(tmp_path: Path, cifar10_subset: dict) -> None:
-    """Nothing of Ray Train's is needed to resume: its bookkeeping lives only while a launch runs."""
-    path = experiment(tmp_path, cifar10_subset, scaling={"backend": "ray", "num_workers": 1}, evaluators=[],
-                      train={"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 3, "log_every_steps": 1})
-    out = run("run", str(path))
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    assert f":{port} (2 CPUs" in out.stdout  # the cluster started above, not a new local one
     run_dir = tmp_path / "runs" / "unit"
-    assert not (run_dir / ".ray").exists() and not list(run_dir.rglob("checkpoint_manager_snapshot.json"))
+    assert (run_dir / "backbone.pt").is_file()
+    assert not ray_train_bookkeeping(run_dir)
     out = run("run", "--resume", str(run_dir), "--set", "train.epochs=2")
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     assert f"resuming {run_dir} at epoch 2 (step 3)" in out.stdout
+    assert f"127.0.0.1:{port}" not in out.stdout  # a cluster of its own
+    assert not ray_train_bookkeeping(run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in records] == [(0, 1), (0, 2), (0, 3), (1, 4), (1, 5), (1, 6)]
     assert [p.parent.name for p in RunDir(run_dir).checkpoints()] == ["checkpoint_000000003", "checkpoint_000000006"]
+
+
+def ray_train_bookkeeping(run_dir: Path) -> list[Path]:
+    """What Ray Train keeps of a launch in the run folder (nothing, once the launch has ended)."""
+    return [p for p in (run_dir / RunDir.RAY, *run_dir.rglob("checkpoint_manager_snapshot.json")) if p.exists()]
 
 
 def test_a_run_whose_every_checkpoint_is_damaged_is_one_line_and_left_as_it_was(tmp_path: Path,

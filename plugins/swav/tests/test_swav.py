@@ -387,20 +387,14 @@ def test_cifar10_example_runs_as_written(tmp_path: Path, cifar10_dir: Path) -> N
     assert len(train) == 2 and all(math.isfinite(m["loss"]) and m["queue_used"] == 0.0 for m in train)
 
 
-def test_a_resumed_run_repeats_the_uninterrupted_one_with_the_queue_in_use(tmp_path: Path, cifar10_dir: Path) -> None:
-    """The queue is filled from the first step and full after 2 (32 = 2 x 16): both resumes, at step 2 and 3,
-    continue with a queue in Sinkhorn, restored from the checkpoint; the prototypes thaw at step 3."""
-    resume_repeats_the_run(EXAMPLE, cifar10_dir, tmp_path, "train.batch_size=16", "encoder.cifar_stem=false",
-                           "method.projector_hidden_dim=64", "method.dim=16", "method.num_prototypes=30",
-                           "method.queue_length=32", "method.epoch_queue_starts=0",
-                           "method.freeze_prototypes_niters=2")
-
-
 @pytest.mark.ray
 def test_two_ray_workers_resume_multi_crop_with_the_queue_exactly(tmp_path: Path, cifar10_dir: Path) -> None:
-    """Through Ray Train with 2 gloo workers (DDP), bf16 autocast and channels_last as the example runs them:
-    2 global crops of 32 px and 2 local crops of 24 px (one forward per resolution), the queue blocks of both
-    workers in rank 0's checkpoint, and both resumes repeat the uninterrupted run. (Not 16 px: torchvision's
+    """The queue is filled from the first step and full after 2 (32 = 2 x 16): both resumes, at step 2 and 3,
+    continue with a queue in Sinkhorn, restored from the checkpoint; the prototypes thaw at step 3. Through Ray
+    Train with 2 gloo workers (DDP), bf16 autocast and channels_last as the example runs them: 2 global crops of
+    32 px and 2 local crops of 24 px (one forward per resolution), the queue blocks of both workers in rank 0's
+    checkpoint, and both resumes repeat the uninterrupted run. (No run in one process besides: its queue is the
+    one block of this layout, and the engine's resume is the same on both backends. Not 16 px: torchvision's
     stem leaves a 1 x 1 map at layer4 there, whose bf16 weight gradient on this CPU differs between identical
     runs and now and then is NaN, with DDP or without; fp32 is exact.)"""
     resume_repeats_the_run(EXAMPLE, cifar10_dir, tmp_path, "scaling.backend=ray", "scaling.num_workers=2",
