@@ -171,10 +171,10 @@ def rungs(grace: int, reduction_factor: float, max_t: int) -> list[int]:
 def param_space(settings: dict[str, Any]) -> dict[str, Any]:
     from ray import tune
 
+    from sslcore.config import search_space
+
     space = {}
     for key, spec in settings["params"].items():
-        from sslcore.config import search_space
-
         kind, values = search_space(spec)
         space[key] = (tune.grid_search(values) if kind == "grid" else
                       tune.loguniform(*values) if kind == "loguniform" else tune.uniform(*values))
