@@ -146,7 +146,8 @@ def test_export_errors_are_one_line(resnet_run: Path, tmp_path: Path, monkeypatc
     untrained = tmp_path / "untrained"
     untrained.mkdir()
     (untrained / "config.yaml").write_text((resnet_run / "config.yaml").read_text())
-    with pytest.raises(UserError, match=f"^{untrained}: no checkpoint or backbone.pt yet; train at least checkpoint.every_epochs"):
+    with pytest.raises(UserError, match=f"^{untrained}: no checkpoint or backbone.pt yet; train at least "
+                                        "checkpoint.every_epochs"):
         export(untrained, "-o", tmp_path / "b.onnx", "--format", "onnx")
     with pytest.raises(UserError, match="--opset 11: torch's ONNX exporter writes opset 18 or newer"):
         export(resnet_run, "-o", tmp_path / "b.onnx", "--format", "onnx", "--opset", "11")
