@@ -323,7 +323,9 @@ def ray_train_loop(config: dict[str, WorkerSpec]) -> dict[str, Any]:
 
 def _uninstalled_module_paths(modules: list[str]) -> list[str]:
     """Folders or files of plugin modules that are importable here but not installed, for Ray's py_modules."""
-    installed = importlib.metadata.packages_distributions()
+    from sslcore.registry import installed_packages
+
+    installed = installed_packages()
     paths = []
     for name in modules:
         top = name.split(".")[0]
