@@ -90,18 +90,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, with the reason, where there is none)")
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    """The free disk space where tests write (``tmp_path``): a run that ends in ``No space left on device``
-    says at its top how much there was."""
-    import shutil
-    import tempfile
-
-    folder = config.option.basetemp or tempfile.gettempdir()
-    while not os.path.exists(folder):
-        folder = os.path.dirname(os.path.abspath(folder))
-    return f"sslcore: {shutil.disk_usage(folder).free / 2**30:.1f} GiB free on the disk of {folder}"
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``gpu`` are skipped, with the reason, on a machine without a CUDA GPU."""
     import torch
@@ -389,18 +377,17 @@ def resume_repeats_the_run(example: Path, cifar10_dir: Path, tmp_path: Path, *ov
     expected, model = train_losses(straight), final_model(straight)
     assert [step for step, _ in expected] == list(range(1, 7)), expected
 
-    def step_of(checkpoint: Path) -> int:
-        return int(checkpoint.parent.name.removeprefix("checkpoint_"))
+    def step_of(folder_name: str) -> int:
+        return int(folder_name.removeprefix("checkpoint_"))
 
-    checkpoints = RunDir(straight).checkpoints()
-    for checkpoint in checkpoints[:-1]:
-        if step_of(checkpoint) not in (2, 3):
+    for checkpoint in RunDir(straight).checkpoints()[:-1]:
+        if step_of(checkpoint.parent.name) not in (2, 3):
             shutil.rmtree(checkpoint.parent)
     for at in (2, 3):
         resumed = tmp_path / f"resumed_at_{at}" / straight.name
         shutil.copytree(straight, resumed, ignore=lambda folder, names, at=at: [
-            name for name in names if name.startswith("checkpoint_") and Path(folder) == straight
-            and int(name.removeprefix("checkpoint_")) > at])
+            name for name in names
+            if Path(folder) == straight and name.startswith("checkpoint_") and step_of(name) > at])
         # from the first run's folder: its aim repository (the example's relative runs/.aim) holds the aim run
         out = run_cli("run", "--resume", str(resumed), cwd=tmp_path / "straight")
         assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
